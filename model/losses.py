@@ -1,0 +1,59 @@
+"""OPQN training loss (Eq. 6-10): subspace CosFace on x and on s with a shared W_m, plus entropy.
+
+Sharing W_m between the feature branch and the soft-quantization branch is what pulls the
+quantized vector towards the class direction of its feature; the entropy term pushes each
+soft assignment p_m towards one codeword so the argmax code loses little.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.opqn import OPQNConfig
+
+
+def class_logits(v: torch.Tensor, W: torch.Tensor, cfg: OPQNConfig) -> torch.Tensor:
+    """Per-group logits (B, G, classes) of v (B, G, dg) against W (G, dg, classes).
+
+    CosFace: cosines of normalised vectors and normalised class columns, clamped to [-1, 1]
+    (margin and scale are applied in ``margin_cross_entropy``). Plain softmax: raw products.
+    """
+    if cfg.margin_loss == "softmax":
+        return torch.einsum("bgd,gdc->bgc", v, W)
+    cos = torch.einsum("bgd,gdc->bgc", F.normalize(v, dim=-1), F.normalize(W, dim=1))
+    return cos.clamp(-1.0, 1.0)
+
+
+def margin_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, cfg: OPQNConfig) -> torch.Tensor:
+    """Mean over groups of the batch-mean CE; CosFace logits r*(cos - u) for the true class."""
+    if cfg.margin_loss == "cosface":
+        onehot = F.one_hot(labels, logits.shape[-1]).to(logits.dtype).unsqueeze(1)
+        logits = cfg.r * (logits - cfg.u * onehot)
+    groups = logits.shape[1]
+    # Every group sees the same batch, so the mean over (batch, group) equals the mean over
+    # groups of the per-group batch means.
+    return F.cross_entropy(logits.permute(0, 2, 1), labels.unsqueeze(1).expand(-1, groups))
+
+
+def assignment_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over samples and subspaces of the entropy of p_m = softmax(logits)."""
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def opqn_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, W: torch.Tensor,
+              cfg: OPQNConfig) -> dict[str, torch.Tensor]:
+    """L = L_clf + lambda * L_ent, returned with its parts and the x-branch accuracy."""
+    xs, s = out["xs"], out["s"]
+    if cfg.classifier == "concat":
+        xs, s = xs.reshape(xs.shape[0], 1, -1), s.reshape(s.shape[0], 1, -1)
+    x_logits = class_logits(xs, W, cfg)
+    s_logits = class_logits(s, W, cfg)
+    clf_x = margin_cross_entropy(x_logits, labels, cfg)
+    clf_s = margin_cross_entropy(s_logits, labels, cfg)
+    clf = clf_s if cfg.loss_branches == "s" else 0.5 * (clf_x + clf_s)
+    entropy = assignment_entropy(out["logits"])
+    with torch.no_grad():
+        acc = (x_logits.sum(1).argmax(-1) == labels).float().mean()
+    return {"loss": clf + cfg.lam * entropy, "clf": clf, "clf_x": clf_x, "clf_s": clf_s,
+            "entropy": entropy, "acc": acc}

@@ -1,0 +1,48 @@
+"""OPQN checkpoints: one torch-serialised dict on any storage URL, loaded without pickle.
+
+A checkpoint holds everything needed to resume (model incl. F and W, optimizer, scheduler,
+epoch, RNG state, history) and to use the model elsewhere (config with D, M, K, the identity
+names behind the class indices). Only tensors, numbers, strings, lists and dicts go in, so
+``torch.load(weights_only=True)`` reads it back.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+
+import torch
+
+from model.opqn import OPQN, OPQNConfig
+from storage import checkpoints
+
+FORMAT = "opqn-checkpoint/1"
+
+
+def save_checkpoint(url: str, state: dict, storage_options: dict | None = None) -> None:
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    checkpoints.write_bytes(url, buffer.getvalue(), storage_options)
+
+
+def load_checkpoint(url: str, storage_options: dict | None = None) -> dict:
+    data = checkpoints.read_bytes(url, storage_options)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or foreign files
+        raise ValueError(f"{url} is not a readable OPQN checkpoint: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{url} is not an OPQN checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r}, expected {FORMAT!r})")
+    state["model_id"] = hashlib.sha256(data).hexdigest()[:16]
+    return state
+
+
+def model_from_checkpoint(state: dict) -> OPQN:
+    """Rebuild the network from a loaded checkpoint, in eval mode."""
+    cfg = OPQNConfig.from_dict(state["config"])
+    model = OPQN(cfg)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def checkpoint_exists(url: str, storage_options: dict | None = None) -> bool:
+    return checkpoints.exists(url, storage_options)
