@@ -57,3 +57,18 @@ def opqn_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, W: torch.Tenso
         acc = (x_logits.sum(1).argmax(-1) == labels).float().mean()
     return {"loss": clf + cfg.lam * entropy, "clf": clf, "clf_x": clf_x, "clf_s": clf_s,
             "entropy": entropy, "acc": acc}
+
+
+class OPQNWithLoss(torch.nn.Module):
+    """The network and its loss as one module.
+
+    DDP synchronises the gradients of parameters used inside ``forward``; the class weights W
+    are only used by the loss, so the loss belongs inside the wrapped forward.
+    """
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return opqn_loss(self.net(images), labels, self.net.W, self.net.cfg)

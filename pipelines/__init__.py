@@ -1,0 +1,9 @@
+"""Pipeline stages joining model/ (torch) and storage/ (URLs): ingest, train, encode, query, evaluate."""
+import os
+
+# Ray reads these once, when it is first imported. The embedded default is in-process Ray on
+# one machine, which should stay on loopback; with RAY_ADDRESS (a real cluster) Ray's own
+# address detection applies.
+if not os.environ.get("RAY_ADDRESS"):
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

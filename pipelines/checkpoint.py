@@ -46,3 +46,24 @@ def model_from_checkpoint(state: dict) -> OPQN:
 
 def checkpoint_exists(url: str, storage_options: dict | None = None) -> bool:
     return checkpoints.exists(url, storage_options)
+
+
+def training_state(model: OPQN, optimizer, scheduler, *, epoch: int, history: list, classes: list[str],
+                   train: dict, **extra) -> dict:
+    """What both trainers checkpoint after every epoch."""
+    return {"config": model.cfg.to_dict(), "train": train, "classes": classes, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+            "history": history, **extra}
+
+
+def restore_training(url: str, model: OPQN, optimizer, scheduler, classes: list[str]) -> dict:
+    """Load ``url`` into model/optimizer/scheduler if it was trained with the same config and
+    identities; refuse otherwise (resuming onto another setup would silently mix runs)."""
+    state = load_checkpoint(url)
+    if state["config"] != model.cfg.to_dict() or state["classes"] != classes:
+        raise ValueError(f"checkpoint {url} was trained with another configuration or identities; "
+                         f"use a new model URL or --no-resume")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state

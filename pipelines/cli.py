@@ -13,7 +13,9 @@ import sys
 # Stage modules, in pipeline order. Adding a stage is one line here.
 STAGES = [
     "pipelines.ingest.cli",
+    "pipelines.train.cli",
     "pipelines.train_local",
+    "pipelines.evaluate.cli",
 ]
 
 

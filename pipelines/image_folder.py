@@ -7,6 +7,7 @@ to the face region and stored as uint8 at ``stored_size`` so augmentation is a c
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -54,15 +55,25 @@ def list_identity_folder(root: str | os.PathLike, min_photos: int = 1, max_photo
     return items
 
 
-def load_face(path: str, stored_size: int, crop_fraction: float) -> np.ndarray:
+def face_array(im: Image.Image, stored_size: int, crop_fraction: float) -> np.ndarray:
     """Centre square crop of ``crop_fraction`` of the shorter side, resized, as (3, S, S) uint8."""
+    im = im.convert("RGB")
+    w, h = im.size
+    side = max(1, int(round(min(w, h) * crop_fraction)))
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side)).resize((stored_size, stored_size), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def load_face(path: str, stored_size: int, crop_fraction: float) -> np.ndarray:
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        side = max(1, int(round(min(w, h) * crop_fraction)))
-        left, top = (w - side) // 2, (h - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((stored_size, stored_size), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+        return face_array(im, stored_size, crop_fraction)
+
+
+def decode_face(data: bytes, stored_size: int, crop_fraction: float = 1.0) -> np.ndarray:
+    """An encoded face crop (a face-shard ``image`` cell) as (3, S, S) uint8."""
+    with Image.open(io.BytesIO(data)) as im:
+        return face_array(im, stored_size, crop_fraction)
 
 
 def load_face_set(items: list[tuple[str, str]], stored_size: int, crop_fraction: float = 0.5,

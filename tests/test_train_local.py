@@ -40,13 +40,14 @@ def test_training_steps_on_real_lfw_photos_lower_the_loss(small_lfw):
     faces = load_face_set(list_identity_folder(small_lfw), cfg.stored_size(), cfg.crop_fraction)
     classes = sorted(set(faces.labels))
     labels = torch.tensor([classes.index(c) for c in faces.labels])
+    from model.losses import OPQNWithLoss
     from model.opqn import OPQN
-    from pipelines.train_local import make_optimizer
+    from pipelines.recipe import make_optimizer
     model = OPQN(cfg.opqn_config(len(classes)))
     opt, _ = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(0)
     images = augment(faces.images, 32, gen)
-    losses = [train_step(model, opt, images, labels)["loss"] for _ in range(25)]
+    losses = [train_step(OPQNWithLoss(model), opt, images, labels)["loss"] for _ in range(25)]
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3]), losses
 
 

@@ -1,0 +1,84 @@
+"""Reading face datasets (the ingest stage's Parquet face shards) for training and encoding.
+
+A face dataset is ``<dataset>/faces/part-*.parquet`` with the contract columns of
+docs/architecture (face_id, identity, source, split, image, box, landmarks, det_score),
+listed by ``<dataset>/manifest.json`` when the dataset has one.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from pipelines.image_folder import decode_face
+
+FACE_COLUMNS = ("face_id", "identity", "source", "split", "image", "box", "landmarks", "det_score")
+
+
+def face_shard_files(dataset: str, storage_options: dict | None = None) -> list[str]:
+    """URLs of the dataset's face shards, sorted; an error naming the dataset if there are none."""
+    fs, root = url_to_fs(dataset, **(storage_options or {}))
+    if not fs.exists(root):
+        raise FileNotFoundError(f"face dataset not found: {dataset}")
+    paths = sorted(fs.glob(f"{root.rstrip('/')}/faces/*.parquet"))
+    if not paths:
+        raise ValueError(f"face dataset {dataset} has no face shards (expected {dataset.rstrip('/')}/faces/*.parquet)")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in paths]
+
+
+def arrow_filesystem(url: str, storage_options: dict | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem for any fsspec URL (S3 endpoints and keys come from fsspec's config)."""
+    fs, path = url_to_fs(url, **(storage_options or {}))
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def read_face_columns(files: list[str], columns=("face_id", "identity", "split"),
+                      storage_options: dict | None = None) -> pa.Table:
+    """The small columns of every shard (no image bytes): labels, splits, ids."""
+    tables = []
+    for url in files:
+        fs, path = arrow_filesystem(url, storage_options)
+        tables.append(pq.read_table(path, columns=list(columns), filesystem=fs))
+    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
+
+
+def decode_batch(images, stored_size: int, crop_fraction: float = 1.0) -> np.ndarray:
+    """Encoded crops -> (n, 3, S, S) uint8; a face that fails to decode is an error naming its index."""
+    out = np.empty((len(images), 3, stored_size, stored_size), dtype=np.uint8)
+    for i, data in enumerate(images):
+        try:
+            out[i] = decode_face(bytes(data), stored_size, crop_fraction)
+        except Exception as exc:
+            raise ValueError(f"face image {i} of the batch cannot be decoded: {exc}") from exc
+    return out
+
+
+def load_face_dataset(dataset: str, splits, stored_size: int, crop_fraction: float = 1.0,
+                      storage_options: dict | None = None):
+    """Faces of the given splits decoded into memory (a FaceSet), for single-process use."""
+    import torch
+
+    from pipelines.image_folder import FaceSet
+
+    images, labels, ids = [], [], []
+    for url in face_shard_files(dataset, storage_options):
+        fs, path = arrow_filesystem(url, storage_options)
+        table = pq.read_table(path, columns=["face_id", "identity", "split", "image"], filesystem=fs)
+        keep = np.isin(np.asarray(table.column("split").to_pylist(), dtype=object), list(splits))
+        if not keep.any():
+            continue
+        table = table.filter(pa.array(keep))
+        images.append(decode_batch(table.column("image").to_pylist(), stored_size, crop_fraction))
+        labels += table.column("identity").to_pylist()
+        ids += table.column("face_id").to_pylist()
+    if not ids:
+        raise ValueError(f"dataset {dataset} has no faces in splits {list(splits)}")
+    return FaceSet(torch.from_numpy(np.concatenate(images)), np.asarray(labels), ids)
+
+
+def is_face_dataset(url: str, storage_options: dict | None = None) -> bool:
+    fs, root = url_to_fs(url, **(storage_options or {}))
+    return bool(fs.glob(f"{root.rstrip('/')}/faces/*.parquet"))

@@ -1,0 +1,1 @@
+"""Distributed OPQN training on Ray Train (DDP over face shards read with Ray Data)."""

@@ -1,0 +1,114 @@
+"""Driver of a distributed training run: validate everything, then hand the loop to Ray Train.
+
+Every check that can fail on bad input (dataset URL, identities, code shape) runs here,
+before any worker starts, so a mistake costs seconds, not a cluster start-up.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import uuid
+from dataclasses import asdict, replace
+
+import numpy as np
+import ray
+import ray.data
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipelines.checkpoint import load_checkpoint
+from pipelines.faces import arrow_filesystem, decode_batch, face_shard_files, read_face_columns
+from pipelines.train.config import RayTrainConfig
+from pipelines.train.worker import train_worker
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start Ray in-process on loopback (see pipelines/__init__)."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+
+
+def training_identities(cfg: RayTrainConfig) -> tuple[list[str], list[str], int]:
+    """Shard URLs, the sorted identity names (class index = position), and the row count."""
+    if not cfg.dataset:
+        raise ValueError("no dataset given: pass the face dataset URL written by `opqn prepare`")
+    files = face_shard_files(cfg.dataset)
+    table = read_face_columns(files, ("identity", "split"))
+    splits = np.asarray(table.column("split").to_pylist(), dtype=object)
+    keep = np.isin(splits, list(cfg.train_splits))
+    identities = np.asarray(table.column("identity").to_pylist(), dtype=object)[keep]
+    if not keep.any():
+        raise ValueError(f"dataset {cfg.dataset} has no faces in splits {list(cfg.train_splits)} "
+                         f"(found splits {sorted(set(splits.tolist()))})")
+    classes = sorted(set(identities.tolist()))
+    if len(classes) < 2:
+        raise ValueError(f"dataset {cfg.dataset} has {len(classes)} identity in splits {list(cfg.train_splits)}: "
+                         f"a classifier needs at least 2")
+    return files, classes, int(keep.sum())
+
+
+def _decode(batch: dict, label_of: dict, splits: list, stored_size: int, crop_fraction: float) -> dict:
+    keep = np.isin(batch["split"], splits)
+    images = [img for img, k in zip(batch["image"], keep) if k]
+    return {"image": decode_batch(images, stored_size, crop_fraction),
+            "label": np.array([label_of[i] for i in batch["identity"][keep]], dtype=np.int64)}
+
+
+def build_dataset(cfg: RayTrainConfig, files: list[str], classes: list[str]) -> ray.data.Dataset:
+    fs, _ = arrow_filesystem(files[0])
+    paths = [arrow_filesystem(f)[1] for f in files]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "identity", "split"])
+    ds = ds.randomize_block_order(seed=cfg.seed).map_batches(
+        _decode, batch_format="numpy", batch_size=256,
+        fn_kwargs={"label_of": {c: i for i, c in enumerate(classes)}, "splits": list(cfg.train_splits),
+                   "stored_size": cfg.stored_size(), "crop_fraction": cfg.crop_fraction})
+    return ds.materialize() if cfg.cache_decoded else ds
+
+
+def _storage_path(cfg: RayTrainConfig) -> str:
+    if cfg.storage_path:
+        return cfg.storage_path
+    if "://" not in cfg.model_url or cfg.model_url.startswith("file://"):
+        return os.path.join(os.path.dirname(os.path.abspath(cfg.model_url.removeprefix("file://"))), "ray-train")
+    return os.path.join(tempfile.gettempdir(), "opqn-ray-train")
+
+
+def train(cfg: RayTrainConfig, out=sys.stderr) -> dict:
+    """Run (or resume) distributed training; returns the final epoch record and the checkpoint URL."""
+    if not cfg.model_url:
+        raise ValueError("no model URL given: where should the checkpoint go?")
+    if cfg.workers < 1:
+        raise ValueError(f"workers must be >= 1, got {cfg.workers}")
+    files, classes, rows = training_identities(cfg)
+    opqn_config = cfg.opqn_config(len(classes))  # raises on K > D/M and other shape errors
+    per_worker = cfg.batch_size // cfg.workers
+    if rows // cfg.workers < per_worker:
+        print(f"warning: {rows} training faces give each of {cfg.workers} workers less than one batch of "
+              f"{per_worker}; lower --batch-size", file=out)
+    cfg = replace(cfg, run_id=cfg.run_id or uuid.uuid4().hex)
+    init_ray()
+    print(f"training OPQN-{opqn_config.variant} {opqn_config.bits:g} bit (M={opqn_config.M}, K={opqn_config.K}, "
+          f"D={opqn_config.D}) on {rows} faces of {len(classes)} identities from {cfg.dataset}, "
+          f"{cfg.workers} worker(s), {cfg.epochs} epochs -> {cfg.model_url}", file=out, flush=True)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": asdict(cfg), "classes": classes, "opqn_config": opqn_config.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                               placement_strategy="SPREAD"),
+        run_config=ray.train.RunConfig(name=f"opqn-{cfg.run_id[:8]}", storage_path=_storage_path(cfg),
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+        datasets={"train": build_dataset(cfg, files, classes)},
+    )
+    trainer.fit()
+    state = load_checkpoint(cfg.model_url)
+    last = state["history"][-1]
+    print(f"done: {state['epoch']} epochs, loss {last['loss']:.4f}, acc {last['acc']:.3f}, "
+          f"{len(state.get('nodes', []))} node(s), checkpoint {cfg.model_url}", file=out, flush=True)
+    return {"model_url": cfg.model_url, "epoch": state["epoch"], "history": state["history"],
+            "nodes": state.get("nodes", []), "identities": len(classes), "faces": rows}
