@@ -27,3 +27,54 @@ def data_root():
 def lfw_dir(data_root):
     return _require_dir(data_root / "lfw")
 # --- end shared data fixtures ----------------------------------------------------------
+
+
+# --- S3 fixtures (storage) -------------------------------------------------------------
+# A real SeaweedFS server on a free 127.0.0.1 port for the whole session, torn down after.
+# `s3_server` yields the infra.s3_server.S3Server handle (.endpoint, .pid, .env(),
+# .storage_options()) and points the environment at it, so plain `s3://...` URLs work in
+# this process and in any child process (Ray workers, subprocesses) started afterwards.
+# `s3_bucket` yields a fresh empty bucket URL ("s3://t-<hex>") per test.
+_S3_TEST_ENV = {
+    # bounded retries: an unreachable endpoint fails in about a second, not after minutes
+    "AWS_MAX_ATTEMPTS": "2",
+    "AWS_RETRY_MODE": "standard",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    from infra.s3_server import start_s3_server, weed_binary
+
+    try:
+        weed_binary()
+    except FileNotFoundError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    server = start_s3_server(tmp_path_factory.mktemp("s3-server"))
+    env = {**server.env(), **_S3_TEST_ENV}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    import uuid
+
+    from storage import urls
+
+    url = f"s3://t-{uuid.uuid4().hex[:16]}"
+    fs, path = urls.resolve(url)
+    fs.mkdir(path)
+    return url
+# --- end S3 fixtures (storage) ---------------------------------------------------------
