@@ -1,0 +1,53 @@
+"""`prefect deployment run train-opqn/train-opqn` against a real local Prefect server and worker."""
+import json
+import subprocess
+
+import pytest
+
+from face_datasets import write_face_dataset
+from flows.train import _cli_args, _config, train_opqn
+from infra.prefect_local import deploy, prefect_bin, start
+from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+
+TINY_OPTIONS = {"dim": 64, "width": 0.125, "image_size": 32, "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def prefect_stack(tmp_path_factory):
+    stack = start(tmp_path_factory.mktemp("prefect-home"), pool="opqn-test")
+    yield stack
+    stack.stop()
+
+
+def test_deployment_run_completes_and_leaves_a_loadable_checkpoint(prefect_stack, lfw_dir, tmp_path):
+    dataset = write_face_dataset(tmp_path / "faces", lfw_dir, identities=6, photos=8, size=40)
+    model_url = tmp_path / "model" / "opqn.pt"
+    deploy(prefect_stack, "train-opqn")
+    params = {"dataset": str(dataset), "model_url": str(model_url), "bits": 16, "codewords": 16,
+              "epochs": 1, "workers": 1, "options": TINY_OPTIONS}
+    out = subprocess.run([prefect_bin(), "deployment", "run", "train-opqn/train-opqn", "--params", json.dumps(params),
+                          "--watch"], env=prefect_stack.env(), capture_output=True, text=True, timeout=600)
+    worker_log = (prefect_stack.home / "worker.log").read_text()[-4000:]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + worker_log
+    assert "Completed" in out.stdout + out.stderr, out.stdout[-3000:]
+    state = load_checkpoint(str(model_url))
+    assert state["epoch"] == 1
+    model = model_from_checkpoint(state)
+    assert (model.cfg.M, model.cfg.K, model.cfg.D) == (4, 16, 64)
+
+
+def test_flow_parameters_are_validated_before_anything_starts(tmp_path):
+    with pytest.raises(ValueError, match="unknown training options"):
+        train_opqn.fn(dataset=str(tmp_path), model_url=str(tmp_path / "m.pt"), options={"epoch": 3})
+    with pytest.raises(ValueError, match="K <= D/M"):
+        train_opqn.fn(dataset=str(tmp_path), model_url=str(tmp_path / "m.pt"), bits=16, codewords=256,
+                      options={"dim": 256})
+
+
+def test_ray_job_entrypoint_carries_every_non_default_setting():
+    cfg = _config("s3://b/ds", "s3://b/m.pt", {"bits": 16, "codewords": 16, "use_gpu": True, "epochs": 3,
+                                               "train_splits": ("train",)})
+    args = _cli_args(cfg)
+    assert args[:4] == ["opqn", "train", "s3://b/ds", "s3://b/m.pt"]
+    assert {"--bits", "--codewords", "--use-gpu", "--epochs", "--train-splits"} <= set(args)
+    assert args[args.index("--train-splits") + 1] == "train"
