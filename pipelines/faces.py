@@ -10,28 +10,42 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
 from pipelines.image_folder import decode_face
+from storage import urls
+from storage.manifest import read_manifest
 
 FACE_COLUMNS = ("face_id", "identity", "source", "split", "image", "box", "landmarks", "det_score")
 
 
-def face_shard_files(dataset: str, storage_options: dict | None = None) -> list[str]:
-    """URLs of the dataset's face shards, sorted; an error naming the dataset if there are none."""
-    fs, root = url_to_fs(dataset, **(storage_options or {}))
-    if not fs.exists(root):
-        raise FileNotFoundError(f"face dataset not found: {dataset}")
-    paths = sorted(fs.glob(f"{root.rstrip('/')}/faces/*.parquet"))
-    if not paths:
+def face_shards(dataset: str, storage_options: dict | None = None) -> list[tuple[str, str, str]]:
+    """(url, key, fingerprint) of every face shard: key is the path relative to the dataset,
+    fingerprint its sha256 when a manifest lists it (else its size), so a later run can tell
+    new or rewritten shards from ones it has already processed."""
+    fs, root = urls.resolve(dataset, storage_options)
+    listed = read_manifest(dataset, storage_options)
+    if listed is not None:
+        found = [(urls.join(dataset, f.path), f.path, f.sha256) for f in listed.files if f.path.startswith("faces/")]
+    else:
+        if not fs.exists(root):
+            raise FileNotFoundError(f"face dataset not found: {dataset}")
+        found = []
+        for path in sorted(fs.glob(f"{root.rstrip('/')}/faces/*.parquet")):
+            key = "faces/" + path.rsplit("/", 1)[-1]
+            found.append((urls.join(dataset, key), key, f"size:{fs.size(path)}"))
+    if not found:
         raise ValueError(f"face dataset {dataset} has no face shards (expected {dataset.rstrip('/')}/faces/*.parquet)")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in paths]
+    return found
+
+
+def face_shard_files(dataset: str, storage_options: dict | None = None) -> list[str]:
+    """URLs of the dataset's face shards (manifest order, or sorted without a manifest)."""
+    return [url for url, _, _ in face_shards(dataset, storage_options)]
 
 
 def arrow_filesystem(url: str, storage_options: dict | None = None) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem for any fsspec URL (S3 endpoints and keys come from fsspec's config)."""
-    fs, path = url_to_fs(url, **(storage_options or {}))
+    """A pyarrow filesystem for any storage URL (S3 endpoint and keys as the storage layer sets them)."""
+    fs, path = urls.resolve(url, storage_options)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
@@ -80,5 +94,7 @@ def load_face_dataset(dataset: str, splits, stored_size: int, crop_fraction: flo
 
 
 def is_face_dataset(url: str, storage_options: dict | None = None) -> bool:
-    fs, root = url_to_fs(url, **(storage_options or {}))
-    return bool(fs.glob(f"{root.rstrip('/')}/faces/*.parquet"))
+    try:
+        return bool(face_shard_files(url, storage_options))
+    except (ValueError, FileNotFoundError):
+        return False

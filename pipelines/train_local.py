@@ -93,8 +93,9 @@ def train_step(module: torch.nn.Module, optimizer, images: torch.Tensor, labels:
 
 
 def train_local(cfg: TrainConfig, train_set: FaceSet | None = None, query_set: FaceSet | None = None,
-                evaluate: bool = True, out=sys.stderr) -> dict:
+                evaluate: bool = True, out=None) -> dict:
     """Train (or resume) and return the final epoch's losses plus retrieval metrics."""
+    out = out or sys.stderr  # resolved per call: a stream captured at import may be closed later
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -21,9 +21,10 @@ SCHEMA = pa.schema([
 ])
 
 
-def lfw_people(lfw_dir: Path, identities: int, photos: int, min_photos: int = 10) -> list[tuple[str, list[Path]]]:
+def lfw_people(lfw_dir: Path, identities: int, photos: int, min_photos: int = 10,
+               skip: int = 0) -> list[tuple[str, list[Path]]]:
     people = [p for p in sorted(os.listdir(lfw_dir)) if len(os.listdir(lfw_dir / p)) >= max(min_photos, photos)]
-    return [(p, sorted((lfw_dir / p).iterdir())[:photos]) for p in people[:identities]]
+    return [(p, sorted((lfw_dir / p).iterdir())[:photos]) for p in people[skip:skip + identities]]
 
 
 def face_row(identity: str, path: Path, split: str, size: int) -> dict:
@@ -40,9 +41,10 @@ def face_row(identity: str, path: Path, split: str, size: int) -> dict:
 
 
 def write_face_dataset(root: Path, lfw_dir: Path, identities: int = 8, photos: int = 6, size: int = 40,
-                       shards: int = 2, queries_per_identity: int = 1) -> Path:
+                       shards: int = 2, queries_per_identity: int = 1, skip: int = 0) -> Path:
+    """``identities`` LFW people (after skipping ``skip``) x ``photos``, in ``shards`` face shards."""
     rows = []
-    for ident, paths in lfw_people(lfw_dir, identities, photos):
+    for ident, paths in lfw_people(lfw_dir, identities, photos, skip=skip):
         for i, path in enumerate(paths):
             rows.append(face_row(ident, path, "query" if i < queries_per_identity else "database", size))
     (root / "faces").mkdir(parents=True, exist_ok=True)

@@ -51,3 +51,27 @@ def test_ray_job_entrypoint_carries_every_non_default_setting():
     assert args[:4] == ["opqn", "train", "s3://b/ds", "s3://b/m.pt"]
     assert {"--bits", "--codewords", "--use-gpu", "--epochs", "--train-splits"} <= set(args)
     assert args[args.index("--train-splits") + 1] == "train"
+
+
+def test_nightly_encode_deployment_runs_on_a_cron_schedule(prefect_stack, monkeypatch):
+    import os
+
+    env = {**prefect_stack.env(), "OPQN_NIGHTLY_MODEL": "s3://bucket/models/opqn.pt",
+           "OPQN_NIGHTLY_DATASET": "s3://bucket/faces", "OPQN_NIGHTLY_GALLERY": "s3://bucket/gallery"}
+    out = subprocess.run([prefect_bin(), "--no-prompt", "deploy", "--name", "encode-gallery-nightly"], env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    shown = subprocess.run([prefect_bin(), "deployment", "inspect", "encode-gallery/encode-gallery-nightly"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "0 2 * * *" in shown.stdout
+    assert "s3://bucket/gallery" in shown.stdout
+
+
+def test_encode_flow_rejects_unknown_options(tmp_path):
+    from flows.encode import encode_gallery_flow
+
+    with pytest.raises(ValueError, match="unknown encode options"):
+        encode_gallery_flow.fn(model_url="m.pt", dataset=str(tmp_path), gallery=str(tmp_path / "g"),
+                               options={"shards": 3})

@@ -26,6 +26,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS, or start Ray in-process on loopback (see pipelines/__init__)."""
     if ray.is_initialized():
         return
+    # our own progress lines report counts, rate and ETA; Ray Data's per-operator tables
+    # every few seconds would drown them in a log
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
@@ -61,7 +64,7 @@ def _decode(batch: dict, label_of: dict, splits: list, stored_size: int, crop_fr
 def build_dataset(cfg: RayTrainConfig, files: list[str], classes: list[str]) -> ray.data.Dataset:
     fs, _ = arrow_filesystem(files[0])
     paths = [arrow_filesystem(f)[1] for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "identity", "split"])
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["image", "identity", "split"])
     ds = ds.randomize_block_order(seed=cfg.seed).map_batches(
         _decode, batch_format="numpy", batch_size=256,
         fn_kwargs={"label_of": {c: i for i, c in enumerate(classes)}, "splits": list(cfg.train_splits),
@@ -77,8 +80,9 @@ def _storage_path(cfg: RayTrainConfig) -> str:
     return os.path.join(tempfile.gettempdir(), "opqn-ray-train")
 
 
-def train(cfg: RayTrainConfig, out=sys.stderr) -> dict:
+def train(cfg: RayTrainConfig, out=None) -> dict:
     """Run (or resume) distributed training; returns the final epoch record and the checkpoint URL."""
+    out = out or sys.stderr  # resolved per call: a stream captured at import may be closed later
     if not cfg.model_url:
         raise ValueError("no model URL given: where should the checkpoint go?")
     if cfg.workers < 1:

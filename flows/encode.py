@@ -1,0 +1,31 @@
+"""Prefect flow ``encode-gallery``: schedules gallery encoding; all logic is in ``pipelines.encode``.
+
+The nightly deployment runs it on the same dataset and gallery every night: each run encodes
+only the face shards added since the last one, and a night with nothing new writes nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+
+from prefect import flow
+
+from pipelines.encode.run import EncodeConfig
+
+
+@flow(name="encode-gallery", log_prints=True)
+def encode_gallery_flow(model_url: str, dataset: str, gallery: str, options: dict | None = None) -> dict:
+    """Encode DATASET's new face shards with MODEL_URL into GALLERY.
+
+    ``options`` takes any `opqn encode` setting by name (splits, batch_size, shard_rows,
+    actors, use_gpu, ...); unknown names are rejected before anything starts.
+    """
+    known = {f.name for f in fields(EncodeConfig)}
+    unknown = sorted(set(options or {}) - known)
+    if unknown:
+        raise ValueError(f"unknown encode options {unknown}; valid: {sorted(known)}")
+    opts = dict(options or {})
+    if "splits" in opts:
+        opts["splits"] = tuple(opts["splits"])
+    from pipelines.encode.run import encode_gallery
+
+    return encode_gallery(model_url, dataset, gallery, EncodeConfig(**opts))

@@ -1,0 +1,1 @@
+"""Gallery encoding: face shards -> code shards with a gallery manifest (Ray Data)."""

@@ -1,0 +1,70 @@
+"""`opqn encode` and `opqn gallery delete|compact|info`."""
+from __future__ import annotations
+
+import json
+import sys
+
+from pipelines.encode.run import EncodeConfig
+from pipelines.recipe import add_config_arguments, config_from_args
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("encode", help="encode a face dataset's new shards into a gallery of codes (Ray Data)")
+    p.add_argument("model_url")
+    p.add_argument("dataset")
+    p.add_argument("gallery")
+    add_config_arguments(p, EncodeConfig)
+    p.set_defaults(func=run_encode)
+
+    g = subparsers.add_parser("gallery", help="inspect and maintain a gallery: info, delete, compact")
+    sub = g.add_subparsers(dest="gallery_command", required=True)
+    d = sub.add_parser("delete", help="tombstone faces (queries skip them at once)")
+    d.add_argument("gallery")
+    d.add_argument("--face-ids", nargs="*", default=[], help="face ids to delete")
+    d.add_argument("--from-file", help="file with one face id per line")
+    d.set_defaults(func=run_delete)
+    c = sub.add_parser("compact", help="rewrite shards without deleted faces")
+    c.add_argument("gallery")
+    c.set_defaults(func=run_compact)
+    i = sub.add_parser("info", help="size, shards, model id, deleted count")
+    i.add_argument("gallery")
+    i.set_defaults(func=run_info)
+
+
+def run_encode(args) -> int:
+    from pipelines.encode.run import encode_gallery
+
+    summary = encode_gallery(args.model_url, args.dataset, args.gallery, config_from_args(EncodeConfig, args))
+    print(json.dumps(summary))
+    return 0
+
+
+def run_delete(args) -> int:
+    from pipelines.encode.maintenance import delete_faces
+
+    ids = list(args.face_ids)
+    if args.from_file:
+        with open(args.from_file) as f:
+            ids += [line.strip() for line in f if line.strip()]
+    if not ids:
+        raise ValueError("no face ids given: use --face-ids ID ... or --from-file FILE")
+    result = delete_faces(args.gallery, ids)
+    if result["unknown"]:
+        print(f"warning: {len(result['unknown'])} face id(s) not in {args.gallery}: {result['unknown'][:5]}", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+def run_compact(args) -> int:
+    from pipelines.encode.maintenance import compact
+
+    print(json.dumps(compact(args.gallery)))
+    return 0
+
+
+def run_info(args) -> int:
+    from pipelines.encode.maintenance import info
+
+    for key, value in info(args.gallery).items():
+        print(f"{key}: {value}")
+    return 0

@@ -1,0 +1,181 @@
+"""Driver of gallery encoding: which source shards are new, Ray Data to encode them, commits.
+
+Work is committed per source shard: its code shard(s), its rejects and its watermark entry
+(``encoded_sources``) go into the gallery manifest in one atomic commit. A run killed at any
+point leaves only whole source shards committed, and the next run encodes exactly the rest;
+a run with nothing new writes nothing.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.checkpoint import load_checkpoint
+from pipelines.encode.encoder import Encoder
+from pipelines.faces import arrow_filesystem, face_shards, read_face_columns
+from pipelines.gallery import CODES_DIR, code_schema, gallery_metadata, open_gallery
+from pipelines.progress import Progress, format_seconds
+from storage.manifest import Manifest, commit, write_data_file
+
+REJECT_SCHEMA = pa.schema([("face_id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
+
+
+@dataclass
+class EncodeConfig:
+    splits: tuple = ()  # face splits to encode; empty = every face
+    batch_size: int = 256
+    shard_rows: int = 1_000_000  # most rows per code shard
+    actors: int = 0  # encoder actors, each loading the model once; 0 = cluster CPUs / threads - 1 (min 1)
+    threads_per_actor: int = 1
+    use_gpu: bool = False
+    max_sources: int = 0  # encode at most this many new source shards in this run (0: all)
+
+
+def codebook_scheme(state: dict) -> str:
+    return "learned" if state["config"].get("learn_codebooks") else "dct-orthonormal"
+
+
+def plan(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig):
+    """Check model against gallery and list the source shards still to encode, with row counts."""
+    state = load_checkpoint(model_url)
+    c = state["config"]
+    gallery = open_gallery(gallery_url)
+    if gallery is not None:
+        gallery.check_model(state["model_id"], c["D"], c["M"], c["K"])
+    done = gallery.encoded_sources if gallery else {}
+    todo, stale = [], []
+    for url, key, fingerprint in face_shards(dataset):
+        if key not in done:
+            todo.append((url, key, fingerprint))
+        elif done[key] != fingerprint:
+            stale.append(key)
+    if stale:
+        raise ValueError(f"source shards {stale[:3]} of {dataset} changed since they were encoded into {gallery_url}; "
+                         f"face shards are immutable: write changes as new shards, or encode into a new gallery")
+    if cfg.max_sources:
+        todo = todo[:cfg.max_sources]
+    expected = {}
+    for url, key, _ in todo:
+        splits = read_face_columns([url], ("split",)).column("split").to_pylist()
+        expected[key] = sum(1 for s in splits if not cfg.splits or s in cfg.splits)
+    return state, gallery, todo, expected
+
+
+def _commit_source(gallery_url: str, state: dict, key: str, fingerprint: str, chunks: list[dict],
+                   cfg: EncodeConfig) -> tuple[int, int]:
+    """Write one source shard's codes and rejects, then list them with its watermark atomically."""
+    c = state["config"]
+    schema = code_schema(c["M"], c["K"])
+    face_id = np.concatenate([ch["face_id"] for ch in chunks]) if chunks else np.array([], dtype=object)
+    identity = np.concatenate([ch["identity"] for ch in chunks]) if chunks else np.array([], dtype=object)
+    codes = np.concatenate([ch["codes"] for ch in chunks]) if chunks else np.zeros((0, c["M"]), dtype=np.uint8)
+    reject = np.concatenate([ch["reject"] for ch in chunks]) if chunks else np.array([], dtype=object)
+    ok = reject == ""
+    order = np.argsort(face_id[ok], kind="stable")  # stable row order whatever the batch arrival order
+    entries = []
+    fid, ident, cds = face_id[ok][order], identity[ok][order], codes[ok][order]
+    for start in range(0, len(fid), cfg.shard_rows):
+        sl = slice(start, start + cfg.shard_rows)
+        flat = pa.array(cds[sl].reshape(-1), type=schema.field("codes").type.value_type)
+        table = pa.table({"face_id": pa.array(fid[sl].tolist(), pa.string()),
+                          "identity": pa.array(ident[sl].tolist(), pa.string()),
+                          "codes": pa.FixedSizeListArray.from_arrays(flat, c["M"])}, schema=schema)
+        entries.append(write_data_file(gallery_url, table, subdir=CODES_DIR, schema=schema))
+    if (~ok).any():
+        rej = pa.table({"face_id": face_id[~ok].tolist(), "source": [key] * int((~ok).sum()),
+                        "reason": reject[~ok].tolist()}, schema=REJECT_SCHEMA)
+        entries.append(write_data_file(gallery_url, rej, subdir="rejects", schema=REJECT_SCHEMA))
+    meta = gallery_metadata(state["model_id"], c["D"], c["M"], c["K"], codebook_scheme(state), {})
+
+    def change(current: Manifest) -> Manifest:
+        metadata = dict(current.metadata) if current.metadata else meta
+        if metadata.get("model_id") != state["model_id"]:
+            raise ValueError(f"gallery {gallery_url} was encoded by model {metadata.get('model_id')} meanwhile")
+        sources = dict(metadata.get("encoded_sources", {}))
+        if key in sources:  # a concurrent run committed this source first: add nothing twice
+            return current
+        sources[key] = fingerprint
+        metadata["encoded_sources"] = sources
+        return replace(current, files=current.files + tuple(entries), metadata=metadata)
+
+    commit(gallery_url, change)
+    return int(ok.sum()), int((~ok).sum())
+
+
+def _auto_actors(cfg: EncodeConfig) -> int:
+    """Leave one CPU for reading and decoding, or the actors starve the read tasks."""
+    import ray
+
+    if cfg.use_gpu:
+        return max(1, int(ray.cluster_resources().get("GPU", 1)))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, cpus // max(1, cfg.threads_per_actor) - 1)
+
+
+def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig = EncodeConfig(),
+                   out=None) -> dict:
+    """Encode the dataset's not-yet-encoded face shards into the gallery; returns counts."""
+    out = out or sys.stderr  # resolved per call: a stream captured at import may be closed later
+    t0 = time.monotonic()
+    state, gallery, todo, expected = plan(model_url, dataset, gallery_url, cfg)
+    skipped = len(gallery.encoded_sources) if gallery else 0
+    summary = {"gallery": gallery_url, "model_id": state["model_id"], "sources_encoded": 0,
+               "sources_skipped": skipped, "faces": 0, "rejected": 0, "code_shards_written": 0}
+    if not todo:
+        print(f"encode: nothing new in {dataset} for {gallery_url} ({skipped} source shard(s) already encoded)",
+              file=out, flush=True)
+        return summary
+    import ray.data
+
+    from pipelines.train.run import init_ray
+
+    init_ray()
+    fingerprint = {key: fp for _, key, fp in todo}
+    fs, _ = arrow_filesystem(todo[0][0])
+    key_of = {arrow_filesystem(url)[1]: key for url, key, _ in todo}
+    ds = ray.data.read_parquet(list(key_of), filesystem=fs, include_paths=True).select_columns(
+        ["face_id", "identity", "split", "image", "path"])
+    ds = ds.map_batches(Encoder, fn_constructor_kwargs={"model_url": model_url, "splits": tuple(cfg.splits),
+                                                        "threads": cfg.threads_per_actor, "use_gpu": cfg.use_gpu},
+                        batch_size=cfg.batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=cfg.actors or _auto_actors(cfg)),
+                        num_cpus=cfg.threads_per_actor, num_gpus=1 if cfg.use_gpu else 0)
+    total = sum(expected.values())
+    print(f"encode: {total} faces in {len(todo)} new source shard(s) of {dataset} -> {gallery_url} "
+          f"(model {state['model_id']}, {skipped} source shard(s) already encoded)", file=out, flush=True)
+    progress = Progress(total, "faces", "encode", stream=out)
+    buffers, received = defaultdict(list), defaultdict(int)
+
+    def finish(key):
+        faces, rejected = _commit_source(gallery_url, state, key, fingerprint[key], buffers.pop(key, []), cfg)
+        summary["sources_encoded"] += 1
+        summary["faces"] += faces
+        summary["rejected"] += rejected
+        summary["code_shards_written"] += 1 if faces else 0
+
+    for key in [k for k, n in expected.items() if n == 0]:
+        finish(key)  # a shard with no face in the selected splits is still marked done
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        if not len(batch["face_id"]):
+            continue
+        keys = np.array([key_of[p] for p in batch["path"]], dtype=object)
+        for key in np.unique(keys):
+            sel = keys == key
+            buffers[key].append({k: batch[k][sel] for k in ("face_id", "identity", "codes", "reject")})
+            received[key] += int(sel.sum())
+            if received[key] == expected[key]:
+                finish(key)
+        progress.update(len(keys))
+    missing = {k: expected[k] - received[k] for k in expected if expected[k] and received[k] != expected[k]}
+    if missing:
+        raise RuntimeError(f"encode: rows missing for source shards {missing}; nothing was committed for them")
+    summary["seconds"] = time.monotonic() - t0
+    print(f"encode done in {format_seconds(summary['seconds'])}: {summary['faces']} faces encoded, "
+          f"{summary['rejected']} rejected, {summary['code_shards_written']} code shard(s) written, "
+          f"{summary['sources_encoded']} source shard(s) new, {skipped} skipped as already encoded", file=out, flush=True)
+    return summary
