@@ -15,6 +15,8 @@ STAGES = [
     "pipelines.ingest.cli",
     "pipelines.train.cli",
     "pipelines.train_local",
+    "pipelines.query.cli",
+    "pipelines.encode.cli",
     "pipelines.evaluate.cli",
 ]
 

@@ -1,0 +1,36 @@
+"""``opqn query MODEL_URL GALLERY QUERIES RESULTS``: batch retrieval (mirrors ``query_batch``)."""
+from __future__ import annotations
+
+import json
+import logging
+
+from pipelines.recipe import add_config_arguments, config_from_args
+from pipelines.query.run import QueryConfig
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "query", help="rank a gallery of codes for a batch of query faces (Ray tasks per shard group, top-k merge)",
+        description="Every query face becomes an M x K table (the model's soft assignments); every gallery code "
+                    "is scored exactly (sum of M table entries) in Ray tasks over groups of code shards, and the "
+                    "per-task top-k are merged. RESULTS is one Parquet file: query_id, rank (0 = best), face_id, "
+                    "score, ordered per query by score desc, then gallery position (shard in manifest order, "
+                    "row). Tombstoned faces never appear. RAY_ADDRESS runs the tasks on a cluster.")
+    p.add_argument("model_url", metavar="MODEL_URL", help="checkpoint that encoded the gallery (path, file://, s3://)")
+    p.add_argument("gallery", metavar="GALLERY", help="gallery URL (code shards + manifest.json)")
+    p.add_argument("queries", metavar="QUERIES",
+                   help="face-shard dataset URL (rows of --split) or a local identity/photo folder of face crops")
+    p.add_argument("results", metavar="RESULTS", help="output Parquet file URL")
+    add_config_arguments(p, QueryConfig)
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args) -> int:
+    from pipelines.query.run import query_batch
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    summary = query_batch(args.model_url, args.gallery, args.queries, args.results, config_from_args(QueryConfig, args))
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    return 0

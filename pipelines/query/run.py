@@ -1,0 +1,233 @@
+"""The batch query driver: query tables from the model, shard groups scored on Ray, merged top-k.
+
+``query_batch(model_url, gallery_url, queries_url, results_url, cfg)``:
+
+1. Load the checkpoint and open the gallery; refuse a gallery encoded by another model (model
+   id = the checkpoint's content hash) or with another (D, M, K), before any work.
+2. Queries: a face-shard dataset (its rows with ``split == cfg.split``; the query id is the
+   face id) or a local identity folder of already-cropped faces (``identity/photo.jpg``, centre
+   crop ``cfg.crop_fraction``; the query id is ``identity/photo.jpg``). One table (M x K) per
+   query: ``model.tables_from_features(embed(...))``. No queries: an empty result and a warning.
+3. Consecutive code shards (manifest order) are grouped into tasks of about
+   ``cfg.rows_per_task`` codes; each Ray task scans its shards one at a time
+   (``topk.scan_shards``) and returns its top-k per query. At most ``cfg.max_in_flight`` tasks
+   run at once and results are merged as they arrive, so memory is bounded by the shards in
+   flight and the top-k tables, whatever the gallery size. Tombstoned faces are dropped.
+4. Results (``RESULT_SCHEMA``), one Parquet file at ``results_url``: ``query_id, rank, face_id,
+   score``; per query (in input order) rank 0 is the best; ordered by score desc, then the
+   code's position in the gallery (shard index in manifest order, row in the shard), so ties
+   are deterministic and the output is the same for any shard grouping, task count or
+   re-sharding that keeps the codes' global order.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+from pipelines.gallery import deleted_ids, require_gallery
+from pipelines.inference import stored_size
+from pipelines.progress import Progress, format_seconds
+from pipelines.query.kernels import KERNELS, check_kernel, choose_kernel
+from pipelines.query.topk import ShardTask, empty_topk, group_shards, merge_topk, scan_shards
+from storage import urls
+from storage.tables import write_table
+
+log = logging.getLogger(__name__)
+
+RESULT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int32()), ("face_id", pa.string()),
+                           ("score", pa.float32())])
+
+
+@dataclass
+class QueryConfig:
+    top_k: int = 100
+    split: str = "query"  # face-shard queries: rows of this split ("" for every row)
+    crop_fraction: float = 1.0  # image-folder queries: centre crop of each photo (1.0 for face crops)
+    kernel: str = "auto"  # auto, torch, faiss, fastscan, numpy (see pipelines.query.kernels)
+    rows_per_task: int = 4_000_000  # codes per Ray task (consecutive shards, at least one)
+    shards_per_task: int = 0  # at most this many shards per task (0: no limit)
+    max_in_flight: int = 0  # Ray tasks running or queued at once (0: 2 per CPU of the cluster)
+    threads_per_task: int = 1  # CPUs each task asks Ray for, and its torch/faiss threads
+    gpus_per_task: float = 0.0  # GPUs each task asks Ray for (the torch kernel then runs on it)
+    batch_size: int = 256  # query images per forward pass
+    executor: str = "ray"  # "ray" (in-process, or the cluster of RAY_ADDRESS) or "local" (no Ray)
+    progress_interval: float = 5.0  # seconds between progress lines
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {self.kernel!r}; choose from {KERNELS}")
+        if self.executor not in ("ray", "local"):
+            raise ValueError(f"executor must be 'ray' or 'local', got {self.executor!r}")
+        if self.rows_per_task < 1 or self.threads_per_task < 1 or self.max_in_flight < 0:
+            raise ValueError("rows_per_task and threads_per_task must be >= 1, max_in_flight >= 0")
+
+
+def load_queries(queries_url: str, split: str, size: int, crop_fraction: float = 1.0,
+                 storage_options: dict | None = None):
+    """(query ids, uint8 images (n, 3, size, size)); empty when no query matches."""
+    import torch
+
+    from pipelines.faces import face_shard_files, is_face_dataset, load_face_dataset, read_face_columns
+    from pipelines.image_folder import IMAGE_EXTENSIONS, list_identity_folder, load_face_set
+
+    empty = ([], torch.empty(0, 3, size, size, dtype=torch.uint8))
+    if is_face_dataset(queries_url, storage_options):
+        files = face_shard_files(queries_url, storage_options)
+        present = set(read_face_columns(files, ("split",), storage_options).column("split").to_pylist())
+        splits = [split] if split else sorted(s for s in present if s is not None)
+        if not present & set(splits):
+            log.warning("no queries: face dataset %s has no faces with split %r (splits present: %s)",
+                        queries_url, split, sorted(s for s in present if s is not None))
+            return empty
+        faces = load_face_dataset(queries_url, splits, size, 1.0, storage_options)
+        return list(faces.paths), faces.images
+    if not urls.is_local(queries_url):
+        raise FileNotFoundError(f"{queries_url} is not a face dataset (no faces/*.parquet); image-folder queries "
+                                f"must be a local identity/photo tree")
+    root = Path(urls.local_path(queries_url))
+    if root.is_dir() and not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.glob("*/*")):
+        log.warning("no queries: image folder %s holds no identity/photo images", queries_url)
+        return empty
+    items = list_identity_folder(root, min_photos=1)
+    faces = load_face_set(items, size, crop_fraction)
+    return [str(Path(p).relative_to(root).as_posix()) for p in faces.paths], faces.images
+
+
+def query_tables(model, images, batch_size: int) -> np.ndarray:
+    from pipelines.retrieval import embed
+
+    if not len(images):
+        return np.empty((0, model.cfg.M, model.cfg.K), np.float32)
+    tables = model.tables_from_features(embed(model, images, batch_size)).numpy().astype(np.float32)
+    if not np.isfinite(tables).all():
+        raise ValueError("the model produced non-finite query tables")
+    return tables
+
+
+def results_table(best: pa.Table, query_ids: list[str]) -> pa.Table:
+    """Top-k rows (query, score desc, shard, row order) -> the result contract."""
+    q = best.column("query").to_numpy()
+    rank = (np.arange(len(q)) - np.searchsorted(q, q, side="left")).astype(np.int32)
+    return pa.table({"query_id": pa.array(query_ids, pa.string()).take(pa.array(q)), "rank": rank,
+                     "face_id": best.column("face_id"), "score": best.column("score")}, schema=RESULT_SCHEMA)
+
+
+def _scan_task(*args):
+    """A Ray task: ``scan_shards`` plus the id of the node it ran on."""
+    import ray
+
+    return scan_shards(*args), ray.get_runtime_context().get_node_id()
+
+
+def scan_gallery(tables: np.ndarray, groups: list[list[ShardTask]], deleted: pa.Array, cfg: QueryConfig,
+                 storage_options: dict | None, progress: Progress, nodes: set | None = None):
+    """``scan_shards`` for every group (Ray tasks, at most ``max_in_flight`` submitted at once,
+    or in this process), merged as results arrive; returns the global top-k table."""
+    best = empty_topk()
+    done_codes = 0
+
+    def report(group):
+        nonlocal done_codes
+        done_codes += sum(s.rows for s in group)
+        rate = done_codes / max(progress.elapsed(), 1e-9)
+        progress.update(len(group), extra=f"{done_codes} codes, {rate:,.0f} codes/s")
+
+    if cfg.executor == "local":
+        for group in groups:
+            best = merge_topk([best, scan_shards(tables, group, cfg.top_k, deleted, cfg.kernel, storage_options)],
+                              cfg.top_k)
+            report(group)
+        return best
+
+    import ray
+
+    from pipelines.train.run import init_ray
+
+    init_ray()  # a no-op when query_batch already started it
+    max_in_flight = cfg.max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1) // cfg.threads_per_task))
+    # SPREAD: scans are I/O + memory bound, so use every node's bandwidth rather than packing
+    remote = ray.remote(_scan_task).options(num_cpus=cfg.threads_per_task, num_gpus=cfg.gpus_per_task,
+                                            max_retries=3, scheduling_strategy="SPREAD")
+    tables_ref, deleted_ref = ray.put(tables), ray.put(deleted)
+    pending = list(reversed(groups))
+    in_flight: dict = {}
+    while pending or in_flight:
+        while pending and len(in_flight) < max_in_flight:
+            group = pending.pop()
+            ref = remote.remote(tables_ref, group, cfg.top_k, deleted_ref, cfg.kernel, storage_options,
+                                cfg.threads_per_task)
+            in_flight[ref] = group
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        group = in_flight.pop(ready[0])
+        part, node = ray.get(ready[0])
+        if nodes is not None:
+            nodes.add(node)
+        best = merge_topk([best, part], cfg.top_k)
+        report(group)
+    return best
+
+
+def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url: str,
+                cfg: QueryConfig | None = None, storage_options: dict | None = None, out=None) -> dict:
+    """Rank the gallery for every query; write the results; return a summary (see the module docstring).
+
+    Progress lines and the summary line go to ``out`` (default: sys.stderr)."""
+    cfg = cfg or QueryConfig()
+    out = out or sys.stderr
+    t0 = time.monotonic()
+    state = load_checkpoint(model_url, storage_options)
+    model = model_from_checkpoint(state)
+    mc = model.cfg
+    gallery = require_gallery(gallery_url, storage_options)
+    gallery.check_model(state["model_id"], mc.D, mc.M, mc.K)
+    if cfg.kernel != "auto":
+        check_kernel(cfg.kernel, mc.K)
+
+    query_ids, images = load_queries(queries_url, cfg.split, stored_size(state), cfg.crop_fraction,
+                                     storage_options)
+    tables = query_tables(model, images, cfg.batch_size)
+    nq = len(query_ids)
+    deleted = pa.array(sorted(deleted_ids(gallery, storage_options)), pa.string())
+    shards = [ShardTask(i, urls.join(gallery.url, s.path), s.rows) for i, s in enumerate(gallery.shards)]
+    groups = group_shards(shards, cfg.rows_per_task, cfg.shards_per_task)
+    kernel = choose_kernel(cfg.kernel, nq, mc.K)
+    print(f"[query] {nq} queries, gallery {gallery_url}: {gallery.rows} codes in {len(shards)} shards "
+          f"({len(groups)} tasks), {len(deleted)} deleted, top-{cfg.top_k}, kernel {kernel}, executor {cfg.executor}",
+          file=out, flush=True)
+    if nq and cfg.executor == "ray":
+        from pipelines.train.run import init_ray
+
+        init_ray()  # before the clock starts: the scan rate should not include Ray's start-up
+    t_scan = time.monotonic()
+    nodes: set = set()
+    if nq == 0:
+        log.warning("no queries in %s (split %r): writing an empty result to %s", queries_url, cfg.split, results_url)
+        best = empty_topk()
+    else:
+        progress = Progress(len(shards), "shards", "query", cfg.progress_interval, out)
+        best = scan_gallery(tables, groups, deleted, cfg, storage_options, progress, nodes)
+    scan_seconds = time.monotonic() - t_scan
+    results = results_table(best, query_ids)
+    write_table(results_url, results, schema=RESULT_SCHEMA, storage_options=storage_options)
+    seconds = time.monotonic() - t0
+    codes_per_s = gallery.rows / scan_seconds if nq and scan_seconds > 0 else 0.0
+    summary = {"queries": nq, "gallery_codes": gallery.rows, "deleted": len(deleted), "shards": len(shards),
+               "tasks": len(groups) if nq else 0, "nodes": len(nodes), "top_k": cfg.top_k, "kernel": kernel,
+               "result_rows": results.num_rows,
+               "scan_seconds": round(scan_seconds, 3), "seconds": round(seconds, 3),
+               "codes_per_s": codes_per_s, "scores_per_s": codes_per_s * nq, "results_url": results_url,
+               "config": asdict(cfg)}
+    print(f"query: {nq} queries x {gallery.rows} codes ({len(shards)} shards, {summary['tasks']} tasks, "
+          f"{len(deleted)} deleted) -> {results.num_rows} results in {format_seconds(seconds)}; scan "
+          f"{codes_per_s:,.0f} codes/s ({codes_per_s * nq:,.0f} scores/s, kernel {kernel}); {results_url}",
+          file=out, flush=True)
+    return summary

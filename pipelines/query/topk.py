@@ -1,0 +1,118 @@
+"""Per-shard top-k and the merge into a global top-k.
+
+Positions: a gallery code is at ``(shard, row)``, ``shard`` its file's index among the code
+shards in the gallery manifest's order and ``row`` its row in that file (counted before
+tombstoned rows are dropped). Every ranking here is by score desc, then (shard, row) asc: the
+gallery's global order. Re-sharding that keeps the global order of the codes (splitting or
+concatenating files in manifest order) therefore gives the same results, and so does any
+grouping of shards into tasks, because the merge key is total.
+
+A top-k table (``TOPK_SCHEMA``) holds, per query index, its best rows, ordered by
+(query, score desc, shard, row).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.query.kernels import topk as kernel_topk
+from storage.tables import read_table
+
+TOPK_SCHEMA = pa.schema([("query", pa.int32()), ("score", pa.float32()), ("shard", pa.int32()),
+                         ("row", pa.int64()), ("face_id", pa.string())])
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One code shard to scan: its manifest position, URL and row count."""
+
+    index: int
+    url: str
+    rows: int
+
+
+def empty_topk() -> pa.Table:
+    return TOPK_SCHEMA.empty_table()
+
+
+def read_codes(url: str, M: int, storage_options: dict | None = None) -> tuple[pa.Array, np.ndarray]:
+    """(face_id array, codes (N, M) uint8/uint16) of one code shard."""
+    table = read_table(url, columns=["face_id", "codes"], storage_options=storage_options)
+    codes = table.column("codes").combine_chunks()
+    if not pa.types.is_fixed_size_list(codes.type) or codes.type.list_size != M:
+        raise ValueError(f"code shard {url}: column codes is {codes.type}, expected a fixed-size list of {M} codes")
+    if codes.null_count:
+        raise ValueError(f"code shard {url}: {codes.null_count} rows have no codes")
+    values = codes.flatten().to_numpy(zero_copy_only=False).reshape(len(codes), M)
+    return table.column("face_id").combine_chunks(), values
+
+
+def shard_topk(tables: np.ndarray, shard: ShardTask, k: int, deleted: pa.Array | None = None,
+               kernel: str = "auto", storage_options: dict | None = None) -> pa.Table:
+    """Top-k of one code shard for every query, tombstoned faces left out."""
+    M = tables.shape[1]
+    face_ids, codes = read_codes(shard.url, M, storage_options)
+    rows = None
+    if deleted is not None and len(deleted):
+        live = np.asarray(pc.invert(pc.is_in(face_ids, value_set=deleted)).fill_null(True))
+        if not live.all():
+            rows = np.flatnonzero(live)
+            codes = codes[rows]
+    scores, local = kernel_topk(tables, codes, k, kernel)
+    nq, kk = scores.shape
+    if kk == 0:
+        return empty_topk()
+    row = local.ravel() if rows is None else rows[local.ravel()]
+    return pa.table({"query": np.repeat(np.arange(nq, dtype=np.int32), kk), "score": scores.ravel(),
+                     "shard": np.full(nq * kk, shard.index, np.int32), "row": row.astype(np.int64),
+                     "face_id": face_ids.take(pa.array(row))}, schema=TOPK_SCHEMA)
+
+
+def merge_topk(parts: list[pa.Table], k: int) -> pa.Table:
+    """The best ``k`` per query of several top-k tables, ordered by (query, score desc, shard, row)."""
+    parts = [p for p in parts if p.num_rows]
+    if not parts:
+        return empty_topk()
+    table = pa.concat_tables(parts)
+    q = table.column("query").to_numpy()
+    s = table.column("score").to_numpy()
+    shard = table.column("shard").to_numpy()
+    row = table.column("row").to_numpy()
+    order = np.lexsort((row, shard, -s, q))
+    qs = q[order]
+    rank = np.arange(len(qs)) - np.searchsorted(qs, qs, side="left")
+    return table.take(pa.array(order[rank < k]))
+
+
+def scan_shards(tables: np.ndarray, shards: list[ShardTask], k: int, deleted: pa.Array | None = None,
+                kernel: str = "auto", storage_options: dict | None = None, threads: int = 0) -> pa.Table:
+    """One task's work: each shard in turn (one in memory at a time), merged as it goes."""
+    if threads:
+        import faiss
+        import torch
+
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+    best = empty_topk()
+    for shard in shards:
+        best = merge_topk([best, shard_topk(tables, shard, k, deleted, kernel, storage_options)], k)
+    return best
+
+
+def group_shards(shards: list[ShardTask], rows_per_task: int, max_shards_per_task: int = 0) -> list[list[ShardTask]]:
+    """Consecutive shards in groups of about ``rows_per_task`` codes (at least one shard each)."""
+    groups: list[list[ShardTask]] = []
+    current: list[ShardTask] = []
+    rows = 0
+    for shard in shards:
+        if current and (rows + shard.rows > rows_per_task or (max_shards_per_task and len(current) >= max_shards_per_task)):
+            groups.append(current)
+            current, rows = [], 0
+        current.append(shard)
+        rows += shard.rows
+    if current:
+        groups.append(current)
+    return groups
