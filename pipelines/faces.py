@@ -71,7 +71,7 @@ def decode_batch(images, stored_size: int, crop_fraction: float = 1.0) -> np.nda
 
 
 def load_face_dataset(dataset: str, splits, stored_size: int, crop_fraction: float = 1.0,
-                      storage_options: dict | None = None):
+                      storage_options: dict | None = None, allow_empty: bool = False):
     """Faces of the given splits decoded into memory (a FaceSet), for single-process use."""
     import torch
 
@@ -89,6 +89,8 @@ def load_face_dataset(dataset: str, splits, stored_size: int, crop_fraction: flo
         labels += table.column("identity").to_pylist()
         ids += table.column("face_id").to_pylist()
     if not ids:
+        if allow_empty:
+            return FaceSet(torch.zeros((0, 3, stored_size, stored_size), dtype=torch.uint8), np.asarray([]), [])
         raise ValueError(f"dataset {dataset} has no faces in splits {list(splits)}")
     return FaceSet(torch.from_numpy(np.concatenate(images)), np.asarray(labels), ids)
 

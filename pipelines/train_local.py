@@ -54,7 +54,7 @@ def prepare_sets(cfg: TrainConfig) -> tuple[FaceSet, FaceSet]:
     folder = cfg.data or str(data_root() / "lfw")
     if is_face_dataset(folder):
         return (load_face_dataset(folder, ("database", "train"), cfg.stored_size()),
-                load_face_dataset(folder, ("query",), cfg.stored_size()))
+                load_face_dataset(folder, ("query",), cfg.stored_size(), allow_empty=True))
     items = list_identity_folder(folder, min_photos=cfg.min_photos)
     faces = load_face_set(items, cfg.stored_size(), cfg.crop_fraction, threads=max(2, cfg.threads))
     is_query = query_split(faces.labels, faces.paths, cfg.query_fraction, cfg.seed)
@@ -123,7 +123,7 @@ def train_local(cfg: TrainConfig, train_set: FaceSet | None = None, query_set: F
     progress = Progress((cfg.epochs - start_epoch) * per_epoch, "samples", "train", interval=0, stream=out)
     for epoch in range(start_epoch, cfg.epochs):
         sums: dict[str, float] = {}
-        seen = 0
+        seen, t_epoch = 0, time.monotonic()
         for idx in batches(len(train_set), cfg.batch_size, gen):
             parts = train_step(trainable, opt, augment(train_set.images[idx], m.image_size, gen), labels[idx])
             for k, v in parts.items():
@@ -133,7 +133,8 @@ def train_local(cfg: TrainConfig, train_set: FaceSet | None = None, query_set: F
             if cfg.max_steps and steps >= cfg.max_steps:
                 break
         sched.step()
-        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **{k: v / seen for k, v in sums.items()}}
+        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **{k: v / seen for k, v in sums.items()},
+                  "samples": seen, "samples_per_s": seen / max(time.monotonic() - t_epoch, 1e-9)}
         history.append(record)
         save_checkpoint(cfg.model_url, training_state(
             model, opt, sched, epoch=epoch + 1, history=history, classes=classes, train=asdict(cfg),

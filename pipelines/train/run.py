@@ -5,6 +5,7 @@ before any worker starts, so a mistake costs seconds, not a cluster start-up.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -94,7 +95,9 @@ def train(cfg: RayTrainConfig, out=None) -> dict:
         print(f"warning: {rows} training faces give each of {cfg.workers} workers less than one batch of "
               f"{per_worker}; lower --batch-size", file=out)
     cfg = replace(cfg, run_id=cfg.run_id or uuid.uuid4().hex)
-    init_ray()
+    # In-process Ray: the workers' CPUs plus one for Ray Data's read/decode tasks, or the
+    # data pipeline gets no CPU and training waits forever on a small machine.
+    init_ray(num_cpus=max(os.cpu_count() or 1, int(math.ceil(cfg.workers * cfg.cpus_per_worker)) + 1))
     print(f"training OPQN-{opqn_config.variant} {opqn_config.bits:g} bit (M={opqn_config.M}, K={opqn_config.K}, "
           f"D={opqn_config.D}) on {rows} faces of {len(classes)} identities from {cfg.dataset}, "
           f"{cfg.workers} worker(s), {cfg.epochs} epochs -> {cfg.model_url}", file=out, flush=True)
