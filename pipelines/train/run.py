@@ -33,7 +33,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        # One logical CPU beyond the cores: a worker or actor pool that fills every core
+        # still leaves Ray Data a slot for its read tasks instead of waiting forever.
+        ray.init(num_cpus=num_cpus or (os.cpu_count() or 1) + 1, include_dashboard=False)
 
 
 def training_identities(cfg: RayTrainConfig) -> tuple[list[str], list[str], int]:
@@ -95,9 +97,8 @@ def train(cfg: RayTrainConfig, out=None) -> dict:
         print(f"warning: {rows} training faces give each of {cfg.workers} workers less than one batch of "
               f"{per_worker}; lower --batch-size", file=out)
     cfg = replace(cfg, run_id=cfg.run_id or uuid.uuid4().hex)
-    # In-process Ray: the workers' CPUs plus one for Ray Data's read/decode tasks, or the
-    # data pipeline gets no CPU and training waits forever on a small machine.
-    init_ray(num_cpus=max(os.cpu_count() or 1, int(math.ceil(cfg.workers * cfg.cpus_per_worker)) + 1))
+    # in-process Ray: the workers' CPUs plus one for Ray Data's read/decode tasks
+    init_ray(num_cpus=max(os.cpu_count() or 1, int(math.ceil(cfg.workers * cfg.cpus_per_worker))) + 1)
     print(f"training OPQN-{opqn_config.variant} {opqn_config.bits:g} bit (M={opqn_config.M}, K={opqn_config.K}, "
           f"D={opqn_config.D}) on {rows} faces of {len(classes)} identities from {cfg.dataset}, "
           f"{cfg.workers} worker(s), {cfg.epochs} epochs -> {cfg.model_url}", file=out, flush=True)
