@@ -85,10 +85,14 @@ class OPQNConfig:
 
 
 def config_for_variant(variant: str, **overrides) -> OPQNConfig:
-    """The paper's variant by name (opqn, l2q, A, C, S, W) with any field overridden."""
+    """The paper's variant by name (opqn, l2q, A, C, S, W) on top of the given fields.
+
+    The variant's own switches are applied last: OPQN-W means lambda = 0 even when a recipe
+    passes its default lambda along with everything else.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"unknown OPQN variant {variant!r}; choose from {sorted(VARIANTS)}")
-    return OPQNConfig(**{**VARIANTS[variant], **overrides, "variant": variant})
+    return OPQNConfig(**{**overrides, **VARIANTS[variant], "variant": variant})
 
 
 def shape_for_bits(bits: int, K: int) -> int:

@@ -77,6 +77,7 @@ def test_gradients_reach_backbone_F_W_and_C_only_for_l2q(variant):
 
 def test_variant_switches():
     assert tiny_model("W").cfg.lam == 0.0
+    assert tiny_model("W", lam=0.1).cfg.lam == 0.0, "a recipe's default lambda must not undo OPQN-W"
     assert tiny_model("C").W.shape == (1, 64, 5)
     assert tiny_model("opqn").W.shape == (2, 32, 5)
     with pytest.raises(ValueError, match="unknown OPQN variant"):
