@@ -1,0 +1,217 @@
+"""Analogues of the OPQN paper's Tables I, III and IV on CPU-sized data and budget.
+
+Every method is trained by the same loop (``pipelines.evaluate.methods.train_method``) on the
+same backbone (ResNet20 at ``--width``, ``--image-size`` px), data and epochs.
+
+- Table I (single-domain): LFW identities with >= 10 photos, 20% of each identity's photos
+  as queries, the rest training set and database; mAP at each code length, every method.
+- Table III (cross-domain): the Table I models evaluated on identities they never saw:
+  LFW identities with 2-4 photos (one query each, the rest database) and AT&T faces
+  (40 identities, ``--att-queries`` queries each, tight crops); P@5 and mAP.
+- Table IV (ablations): OPQN against OPQN-A, -C, -S, -W at the ablation code lengths.
+
+Code lengths use K = 256 codewords and square codebooks (D = M * K): 16 = 2x256,
+24 = 3x256, 32 = 4x256, 48 = 6x256; DCDH uses the same D and ``bits`` hash bits.
+Checkpoints go to ``--work`` and are reused when the run is repeated with the same settings,
+so an interrupted run resumes; results are written to ``--json`` after every model (one results
+file per setting; ``--merge`` folds the files of parallel runs of the same setting in), plots
+(PR and P@T, several methods per plot) to ``--img``. The last stdout lines are markdown tables.
+
+    nice -n 10 .venv/bin/python benchmarks/paper_tables.py --tables 1,3 --methods opqn,l2q,dpq,dcdh \
+        --bits 16,32 --epochs 10
+    nice -n 10 .venv/bin/python benchmarks/paper_tables.py --tables 4 --ablation-bits 16,32 --epochs 10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+
+from pipelines.checkpoint import checkpoint_exists, load_checkpoint
+from pipelines.evaluate.evaluation import DEFAULT_TS, evaluate_model
+from pipelines.evaluate.methods import METHODS, get_method, model_from_state, train_method
+from pipelines.evaluate.protocols import load_split
+from pipelines.evaluate.report import plot_pr, plot_precision_at
+from pipelines.progress import format_seconds
+from pipelines.settings import data_root
+from pipelines.train_local import TrainConfig, prepare_sets
+
+ABLATIONS = ("opqn", "A", "C", "S", "W")
+
+
+def _round(metrics: dict) -> dict:
+    return {"map": round(metrics["map"], 4),
+            "precision_at": {int(t): round(v, 4) for t, v in metrics["precision_at"].items()},
+            "queries": metrics["queries"], "database": metrics["database"], "pr": metrics["pr"]}
+
+
+def _row(result: dict, info: dict) -> dict:
+    return {"method": result["method"], "label": result["label"], "bits": result["bits"], "ranking": result["ranking"],
+            "quantized": _round(result["quantized"]), "float": _round(result["float"]),
+            "distinct_database_codes": result["distinct_database_codes"], **info}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tables", default="1,3,4", help="which tables: 1, 3, 4")
+    ap.add_argument("--methods", default="opqn,l2q,dpq,dcdh", help=f"Table I/III methods, from {sorted(METHODS)}")
+    ap.add_argument("--bits", default="16,24,32,48", help="Table I/III code lengths")
+    ap.add_argument("--ablation-bits", default="16,32", help="Table IV code lengths")
+    ap.add_argument("--ablations", default=",".join(ABLATIONS), help="Table IV methods")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--width", type=float, default=0.25)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--att-queries", type=int, default=2, help="AT&T queries per identity")
+    ap.add_argument("--work", default="runs/paper_tables", help="checkpoint folder (reused on re-runs)")
+    ap.add_argument("--json", default="docs/img/paper_tables.json", help="results file (merged with an existing one)")
+    ap.add_argument("--img", default="docs/img", help="folder for the plots")
+    ap.add_argument("--merge", default="", help="comma-separated results files of other runs to merge into --json")
+    ap.add_argument("--render-only", action="store_true", help="no training or evaluation: tables and plots from --json")
+    args = ap.parse_args(argv)
+    t_start = time.monotonic()
+    tables = {t.strip() for t in args.tables.split(",") if t.strip()}
+    methods = [get_method(m).name for m in args.methods.split(",") if m]
+    bits_list = [int(b) for b in args.bits.split(",") if b]
+    abl_bits = [int(b) for b in args.ablation_bits.split(",") if b]
+    ablations = [get_method(m).name for m in args.ablations.split(",") if m]
+
+    base = TrainConfig(epochs=args.epochs, width=args.width, image_size=args.image_size, batch_size=args.batch_size,
+                       threads=args.threads, min_photos=10, query_fraction=0.2, codewords=256, dim=0, resume=False)
+    cross_names = ["LFW unseen (2-4 photos)", "AT&T faces"] if "3" in tables else []
+    cross_sets = {}
+    if not args.render_only:
+        train_set, query_set = prepare_sets(base)
+        print(f"LFW >= 10 photos: {len(train_set)} training/database faces, {len(query_set)} queries, "
+              f"{len(set(train_set.labels))} identities", file=sys.stderr)
+    if cross_names and not args.render_only:
+        cross_sets[cross_names[0]] = load_split(str(data_root() / "lfw"), "cross", base.stored_size(),
+                                                base.crop_fraction, min_photos=2, max_photos=4)
+        cross_sets[cross_names[1]] = load_split(str(data_root() / "att_faces"), "cross", base.stored_size(), 1.0,
+                                                min_photos=2, queries_per_identity=args.att_queries)
+        for name, s in cross_sets.items():
+            print(f"{name}: {len(s.queries)} queries x {len(s.database)} database, {s.description}", file=sys.stderr)
+
+    jobs = []  # (method, bits)
+    if tables & {"1", "3"}:
+        jobs += [(m, b) for b in bits_list for m in methods]
+    if "4" in tables:
+        jobs += [(m, b) for b in abl_bits for m in ablations if (m, b) not in jobs]
+
+    path = Path(args.json)
+    store = json.loads(path.read_text()) if path.exists() else {}
+    store.setdefault("runs", {})
+    for other in (p for p in args.merge.split(",") if p):
+        extra = json.loads(Path(other).read_text())
+        if extra.get("setting") and store.get("setting") and extra["setting"] != store["setting"]:
+            raise SystemExit(f"{other} holds results of another setting ({extra['setting']} vs {store['setting']})")
+        for key, run in extra.get("runs", {}).items():
+            store["runs"][key] = {**store["runs"].get(key, {}), **run}
+        store.setdefault("commands", [])
+        store["commands"] += [c for c in extra.get("commands", []) if c not in store["commands"]]
+    if args.render_only:
+        jobs = []
+    setting = {"epochs": args.epochs, "width": args.width, "image_size": args.image_size,
+               "batch_size": args.batch_size, "codewords": 256, "dim": "M*K"}
+    if args.render_only:
+        setting = store.get("setting", setting)
+    elif store.get("setting") and store["setting"] != setting:
+        raise SystemExit(f"{path} holds results of another setting ({store['setting']}); use another --json")
+    store["setting"] = setting
+    store.setdefault("commands", [])
+    cmd = "nice -n 10 .venv/bin/python benchmarks/paper_tables.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if cmd not in store["commands"] and not args.render_only:
+        store["commands"].append(cmd)
+
+    for method, bits in jobs:
+        cfg = replace(base, bits=bits, model_url=os.path.join(args.work, f"{method}-{bits}bit-e{args.epochs}-w{args.width}.pt"))
+        t0 = time.monotonic()
+        state = load_checkpoint(cfg.model_url) if checkpoint_exists(cfg.model_url) else None
+        if state is not None and state.get("train") == asdict(cfg) and state.get("epoch") == args.epochs:
+            model, _ = model_from_state(state)
+            info = {"train_seconds": state.get("train_seconds"), "final_loss": state["history"][-1]["loss"], "reused_checkpoint": True}
+        else:
+            model, tinfo = train_method(method, cfg, train_set)
+            info = {"train_seconds": round(tinfo["train_seconds"], 1), "final_loss": round(tinfo["history"][-1]["loss"], 4)}
+        run = {"single": _row(evaluate_model(model, query_set, train_set, DEFAULT_TS), info)}
+        for name, s in cross_sets.items():
+            run[name] = _row(evaluate_model(model, s.queries, s.database, DEFAULT_TS), {})
+        key = f"{method}:{bits}"
+        store["runs"][key] = {**store["runs"].get(key, {}), "setting": setting, **run}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(store, indent=1))
+        r = run["single"]
+        print(f"{r['label']} {bits} bit: single mAP {r['quantized']['map']:.4f} P@5 {r['quantized']['precision_at'][5]:.4f} "
+              f"float mAP {r['float']['map']:.4f}"
+              + "".join(f"; {n}: mAP {run[n]['quantized']['map']:.4f} P@5 {run[n]['quantized']['precision_at'][5]:.4f}"
+                        for n in cross_sets)
+              + f" ({format_seconds(time.monotonic() - t0)})", flush=True)
+
+    runs = store["runs"]
+
+    def p5(metrics):
+        return metrics["precision_at"].get(5, metrics["precision_at"].get("5"))
+
+    def get(m, b, where="single"):
+        return runs.get(f"{m}:{b}", {}).get(where)
+
+    if args.merge:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(store, indent=1))
+
+    def sizes(where="single"):
+        row = next((r[where] for r in runs.values() if where in r), None)
+        return (row["quantized"]["queries"], row["quantized"]["database"]) if row else (0, 0)
+
+    img = Path(args.img)
+    img.mkdir(parents=True, exist_ok=True)
+    out = []
+    if "1" in tables:
+        out += ["", "Table I analogue: single-domain mAP, LFW >= 10 photos ({} queries x {} database)".format(*sizes()), "",
+                "| method | " + " | ".join(f"{b} bit" for b in bits_list) + " | float mAP (" + ", ".join(map(str, bits_list)) + ") |",
+                "|---|" + "---|" * (len(bits_list) + 1)]
+        for m in methods:
+            cells = [f"{get(m, b)['quantized']['map']:.4f}" if get(m, b) else "" for b in bits_list]
+            fl = ", ".join(f"{get(m, b)['float']['map']:.3f}" if get(m, b) else "-" for b in bits_list)
+            out.append(f"| {METHODS[m].label} | " + " | ".join(cells) + f" | {fl} |")
+        for b in bits_list:
+            rows = [get(m, b) for m in methods if get(m, b)]
+            if rows:
+                plot_pr(rows, img / f"table1_{b}bit_pr.png", f"LFW single-domain, {b} bit", include_float=False)
+                plot_precision_at(rows, img / f"table1_{b}bit_precision_at.png", f"LFW single-domain, {b} bit", include_float=False)
+    if "3" in tables:
+        for name in cross_names:
+            nq, nd = sizes(name)
+            out += ["", f"Table III analogue: cross-domain, trained on LFW >= 10 photos, evaluated on {name} "
+                    f"({nq} queries x {nd} database)", "",
+                    "| method | " + " | ".join(f"{b} bit P@5 / mAP" for b in bits_list) + " | float P@5 / mAP (" + ", ".join(map(str, bits_list)) + ") |",
+                    "|---|" + "---|" * (len(bits_list) + 1)]
+            for m in methods:
+                cells = [f"{p5(get(m, b, name)['quantized']):.4f} / {get(m, b, name)['quantized']['map']:.4f}"
+                         if get(m, b, name) else "" for b in bits_list]
+                fl = ", ".join(f"{p5(get(m, b, name)['float']):.3f} / {get(m, b, name)['float']['map']:.3f}"
+                               if get(m, b, name) else "-" for b in bits_list)
+                out.append(f"| {METHODS[m].label} | " + " | ".join(cells) + f" | {fl} |")
+            tag = "lfw_unseen" if name.startswith("LFW") else "att"
+            for b in bits_list:
+                rows = [get(m, b, name) for m in methods if get(m, b, name)]
+                if rows:
+                    plot_precision_at(rows, img / f"table3_{tag}_{b}bit_precision_at.png", f"{name}, {b} bit", include_float=False)
+    if "4" in tables:
+        out += ["", "Table IV analogue: ablations, single-domain mAP on LFW >= 10 photos", "",
+                "| variant | " + " | ".join(f"{b} bit" for b in abl_bits) + " |", "|---|" + "---|" * len(abl_bits)]
+        for m in ablations:
+            out.append(f"| {METHODS[m].label} | " + " | ".join(f"{get(m, b)['quantized']['map']:.4f}" if get(m, b) else "" for b in abl_bits) + " |")
+    out += ["", f"total {format_seconds(time.monotonic() - t_start)}; setting: {json.dumps(setting)}"]
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

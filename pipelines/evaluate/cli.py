@@ -1,0 +1,90 @@
+"""``opqn evaluate`` (metrics report of a checkpoint on a dataset) and ``opqn train-method``
+(train OPQN, an ablation, DPQ or DCDH with the same loop and budget)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from pipelines.evaluate.evaluation import DEFAULT_TS, evaluate_url
+from pipelines.evaluate.methods import METHODS, train_method
+from pipelines.evaluate.protocols import PROTOCOLS
+from pipelines.progress import format_seconds
+from pipelines.recipe import add_config_arguments, config_from_args
+from pipelines.train_local import TrainConfig, prepare_sets
+
+
+def _ts(text: str) -> tuple[int, ...]:
+    try:
+        ts = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ts must be comma-separated integers, got {text!r}")
+    if not ts or min(ts) < 1:
+        raise argparse.ArgumentTypeError(f"--ts values must be >= 1, got {text!r}")
+    return ts
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="retrieval metrics (mAP, P@T, PR, float upper bound) of a checkpoint on a dataset, as a report",
+        description="Encode the database split with the model's compact codes, query it with the query split, and "
+                    "write metrics.json, pr.png, precision_at.png and report.md to REPORT_DIR. DATASET is an "
+                    "identity-folder image directory or a face-shard dataset (<dataset>/faces/part-*.parquet). "
+                    "Ties are broken by database index ascending.")
+    p.add_argument("model_url", metavar="MODEL_URL", help="checkpoint (path, file:// or s3:// URL); several, "
+                   "comma-separated, are evaluated on the same split and drawn on the same plots")
+    p.add_argument("dataset", metavar="DATASET", help="identity folder or face-shard dataset")
+    p.add_argument("report_dir", metavar="REPORT_DIR", help="folder for metrics.json, plots and report.md")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="single",
+                   help="single: query split of the trained identities; cross: unseen identities split into "
+                        "queries and database (default: single)")
+    p.add_argument("--method", choices=sorted(METHODS), default=None,
+                   help="expected method of the checkpoint (error if it holds another)")
+    p.add_argument("--crop-fraction", type=float, default=None, help="folder photos: centre crop (default: the training run's; 1.0 for tight crops such as AT&T)")
+    p.add_argument("--min-photos", type=int, default=None, help="folder: identities with at least this many photos (default: training's for single, 2 for cross)")
+    p.add_argument("--max-photos", type=int, default=None, help="folder: identities with at most this many photos")
+    p.add_argument("--query-fraction", type=float, default=None, help="single: fraction of each identity's photos as queries (default: training's); cross: used with --queries-per-identity 0")
+    p.add_argument("--queries-per-identity", type=int, default=1, help="cross: queries per identity (0: use --query-fraction)")
+    p.add_argument("--seed", type=int, default=None, help="split seed (default: training's)")
+    p.add_argument("--ts", type=_ts, default=DEFAULT_TS, help="T values for P@T, comma-separated")
+    p.add_argument("--allow-seen", action="store_true", help="cross: allow identities the model was trained on")
+    p.add_argument("--threads", type=int, default=2, help="image decoding threads")
+    p.add_argument("--json", action="store_true", help="print the metrics (without curves) as one JSON line")
+    p.set_defaults(func=run_evaluate)
+
+    t = subparsers.add_parser(
+        "train-method", help="train OPQN, an ablation (l2q, A, C, S, W), DPQ or DCDH on an identity folder",
+        description="The single-process trainer's data split, augmentation, optimizer and schedule for every "
+                    "method; the checkpoint is readable by `opqn evaluate`.")
+    t.add_argument("--method", choices=sorted(METHODS), default="opqn")
+    add_config_arguments(t, TrainConfig, skip=("resume", "variant"))
+    t.set_defaults(func=run_train)
+
+
+def run_evaluate(args) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = evaluate_url(args.model_url, args.dataset, args.report_dir, args.protocol, args.method,
+                       args.crop_fraction, args.min_photos, args.max_photos, args.query_fraction,
+                       args.queries_per_identity, args.seed, args.ts, args.threads, args.allow_seen)
+    for r in out["results"]:
+        q, f = r["quantized"], r["float"]
+        if args.json:
+            print(json.dumps({"model_url": r["model_url"], "method": r["method"], "bits": r["bits"], "map": q["map"],
+                              "precision_at": q["precision_at"], "map_float": f["map"],
+                              "precision_at_float": f["precision_at"], "queries": q["queries"], "database": q["database"]}))
+        p = q["precision_at"]
+        print(f"{r['label']} {r['bits']} bit, {args.protocol}-domain, {q['queries']} queries x {q['database']} database: "
+              f"mAP {q['map']:.4f}  " + "  ".join(f"P@{t} {p[t]:.4f}" for t in list(p)[:3])
+              + f"  (float features mAP {f['map']:.4f})")
+    print(f"report in {args.report_dir} ({format_seconds(out['context']['seconds'])})")
+    return 0
+
+
+def run_train(args) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = config_from_args(TrainConfig, args)
+    train_set, _ = prepare_sets(cfg)
+    _, info = train_method(args.method, cfg, train_set)
+    print(f"trained {args.method} in {format_seconds(info['train_seconds'])}: {info['train_faces']} faces, "
+          f"{info['identities']} identities, checkpoint {cfg.model_url}")
+    return 0

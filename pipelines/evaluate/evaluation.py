@@ -1,0 +1,102 @@
+"""Evaluate a trained model of any method on a query/database split and write a report."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model.metrics import retrieval_metrics
+from pipelines.evaluate.methods import Method, code_bits, load_model, method_of, quantized_scores
+from pipelines.evaluate.protocols import EvalSplit, check_split, is_shard_dataset, load_split
+from pipelines.evaluate.report import write_report
+from pipelines.image_folder import FaceSet
+from pipelines.retrieval import embed
+
+DEFAULT_TS = (1, 5, 10, 20, 50, 100, 200, 500)
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, queries: FaceSet, database: FaceSet, ts=DEFAULT_TS,
+                   method: Method | None = None, pr_points: int = 100) -> dict:
+    """Compact-code retrieval metrics and the float-feature upper bound of the same model.
+
+    Returns ``{"method", "label", "bits", "ranking", "quantized": metrics, "float": metrics,
+    "codewords_used"}`` where metrics are ``model.metrics.retrieval_metrics`` dicts (mAP over
+    the full ranking, P@T, PR curve; ties by database index ascending).
+    """
+    check_split(queries, database)
+    method = method or method_of(model)
+    model.eval()
+    xq, xd = embed(model, queries.images), embed(model, database.images)
+    scores, codes = quantized_scores(model, xq, xd)
+    quant = retrieval_metrics(scores, queries.labels, database.labels, ts, pr_points=pr_points)
+    cos = (F.normalize(xq, dim=1) @ F.normalize(xd, dim=1).T).numpy()
+    flt = retrieval_metrics(cos, queries.labels, database.labels, ts, pr_points=pr_points)
+    distinct = int(torch.unique(codes, dim=0).shape[0]) if len(codes) else 0
+    return {"method": method.name, "label": method.label, "bits": code_bits(model), "ranking": method.ranking,
+            "quantized": quant, "float": flt, "distinct_database_codes": distinct}
+
+
+def stored_size_for(state: dict, image_size: int) -> int:
+    enlarge = float((state.get("train") or {}).get("enlarge", 1.1))
+    return max(image_size, int(round(image_size * enlarge)))
+
+
+def evaluate_url(model_url: str | list[str], dataset: str, report_dir: str | None = None, protocol: str = "single",
+                 method: str | None = None, crop_fraction: float | None = None, min_photos: int | None = None,
+                 max_photos: int | None = None, query_fraction: float | None = None, queries_per_identity: int = 1,
+                 seed: int | None = None, ts=DEFAULT_TS, threads: int = 2, allow_seen: bool = False) -> dict:
+    """Load checkpoint(s), split ``dataset`` by ``protocol``, evaluate, and write one report.
+
+    ``model_url`` is one URL, a comma-separated list or a list: several models (e.g. OPQN and
+    its baselines) are evaluated on the same split and drawn on the same plots; they must share
+    the input image size. Unset split options default to the first checkpoint's training
+    settings (crop fraction, except 1.0 for face shards, which hold aligned crops; minimum
+    photos; query fraction; seed), so the single-domain split of the training folder reproduces
+    the trainer's query/database split. For the cross protocol the dataset's identities must be
+    unseen by every model unless ``allow_seen``.
+    """
+    t0 = time.monotonic()
+    urls = [u for u in model_url.split(",") if u] if isinstance(model_url, str) else list(model_url)
+    if not urls:
+        raise ValueError("no model URL given")
+    loaded = [load_model(u, method) for u in urls]
+    sizes = {m.cfg.image_size for m, _, _ in loaded}
+    if len(sizes) > 1:
+        raise ValueError(f"the models take different image sizes {sorted(sizes)}; evaluate them separately")
+    model, meth, state = loaded[0]
+    train = state.get("train") or {}
+    split = load_split(
+        dataset, protocol, stored_size=stored_size_for(state, model.cfg.image_size),
+        crop_fraction=crop_fraction if crop_fraction is not None else (
+            1.0 if is_shard_dataset(dataset) else float(train.get("crop_fraction", 0.5))),
+        min_photos=min_photos if min_photos is not None else (int(train.get("min_photos", 10)) if protocol == "single" else 2),
+        max_photos=max_photos,
+        query_fraction=query_fraction if query_fraction is not None else float(train.get("query_fraction", 0.2)),
+        queries_per_identity=queries_per_identity,
+        seed=seed if seed is not None else int(train.get("seed", 0)), threads=threads)
+    if protocol == "cross" and not allow_seen:
+        for url, (_, _, st) in zip(urls, loaded):
+            seen = sorted(set(st.get("classes") or []) & set(split.database.labels.tolist()))
+            if seen:
+                raise ValueError(f"cross-domain evaluation needs identities the model never saw, but {len(seen)} "
+                                 f"were in the training set of {url}, e.g. {seen[:5]}")
+    results = []
+    for url, (m, mt, st) in zip(urls, loaded):
+        r = evaluate_model(m, split.queries, split.database, ts, mt)
+        results.append({**r, "model_url": url, "model_id": st.get("model_id")})
+    first = results[0]
+    title = (f"{meth.label} {first['bits']} bit" if len(results) == 1 else f"{len(results)} models") + f", {protocol}-domain"
+    context = {"title": title, "model_url": ",".join(urls), "model_id": ",".join(str(r["model_id"]) for r in results),
+               "dataset": str(dataset), "protocol": protocol, "split": split.description,
+               "database_order": ("face shards in file-name order, then row" if split.source == "shards"
+                                  else "identity, then file path (sorted)"),
+               "seconds": round(time.monotonic() - t0, 1)}
+    if report_dir:
+        context["files"] = write_report(report_dir, results, context)
+    return {"context": context, "result": first, "results": results}
+
+
+def evaluate_split(model: torch.nn.Module, split: EvalSplit, ts=DEFAULT_TS) -> dict:
+    return evaluate_model(model, split.queries, split.database, ts)
