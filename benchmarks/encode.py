@@ -18,17 +18,16 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from memory import PeakMemory
 from model.opqn import OPQN, config_for_variant
 from pipelines.checkpoint import save_checkpoint
 from pipelines.encode.run import EncodeConfig, encode_gallery
@@ -85,42 +84,6 @@ def plain_loop(model_url: str, dataset: Path, batch_size: int) -> tuple[int, flo
     return n, time.monotonic() - t0
 
 
-class PeakRss:
-    """Peak memory of this process (RSS) and of its whole tree (sum of PSS), sampled every 0.2 s.
-
-    The tree is summed by PSS, not RSS: every Ray process maps the shared object store, and
-    RSS would count the same shared pages once per process.
-    """
-
-    def __init__(self):
-        self.peak, self.driver_peak, self._stop = 0, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_full_info().pss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            try:
-                self.driver_peak = max(self.driver_peak, me.memory_info().rss)
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--faces", type=int, default=20000)
@@ -156,14 +119,16 @@ def main(argv=None) -> int:
         small_model = make_model(str(tmp / "small.pt"), args.rss_image_size, 0.125)
         for size in (int(s) for s in args.rss_sizes.split(",") if s):
             ds = synthetic_dataset(tmp / f"rss{size}", size, int(round(args.rss_image_size * 1.1)), shard_rows=50000)
-            with PeakRss() as rss:
+            with PeakMemory() as rss:
                 t0 = time.monotonic()
                 encode_gallery(small_model, str(ds), str(tmp / f"gallery{size}"), EncodeConfig(batch_size=2048))
             key = f"rss_mb_{size // 1000}k" if size < 1_000_000 else f"rss_mb_{size // 1_000_000}m"
-            result[key] = round(rss.peak / 2**20, 1)
-            result[key.replace("rss_mb", "driver_rss_mb")] = round(rss.driver_peak / 2**20, 1)
+            result[key] = round(rss.tree_pss / 2**20, 1)
+            result[key.replace("rss_mb", "driver_rss_mb")] = round(rss.driver_rss / 2**20, 1)
             print(f"memory: {size} faces encoded in {time.monotonic() - t0:.0f} s, peak {result[key]} MB "
-                  f"(PSS of driver + Ray workers), driver alone {rss.driver_peak / 2**20:.0f} MB", flush=True)
+                  f"(PSS of driver + Ray workers), driver alone {rss.driver_rss / 2**20:.0f} MB", flush=True)
+            top = sorted(rss.by_process.items(), key=lambda kv: -kv[1])[:6]
+            print("  largest: " + ", ".join(f"{k} {v / 2**20:.0f} MB" for k, v in top), flush=True)
     print(json.dumps(result))
     return 0
 

@@ -22,11 +22,10 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
+from memory import PeakMemory
 
 
 def pick_photos(lfw: Path, n: int) -> list[Path]:
@@ -62,37 +61,6 @@ def baseline(photos: list[Path], size: int, threads: int) -> tuple[int, float]:
             crop.save(buf, format="PNG")
             faces += 1
     return faces, time.perf_counter() - start
-
-
-class TreeRSS:
-    """Peak summed RSS of this process and all its descendants, sampled in a thread."""
-
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        me = psutil.Process()
-        total = 0
-        for p in [me] + me.children(recursive=True):
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def main(argv=None) -> int:
@@ -132,7 +100,7 @@ def main(argv=None) -> int:
             (src / p.parent.name).mkdir(parents=True, exist_ok=True)
             os.symlink(p, src / p.parent.name / p.name)
         cfg = IngestConfig(size=args.size, shard_size=args.shard_size, batch_size=args.batch_size)
-        with TreeRSS() as rss:
+        with PeakMemory() as rss:
             t0 = time.perf_counter()
             result = prepare_dataset(str(src), str(Path(tmp) / "ds"), cfg, stream=sys.stderr)
             pipe_s = time.perf_counter() - t0

@@ -138,7 +138,10 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
     fingerprint = {key: fp for _, key, fp in todo}
     fs, _ = arrow_filesystem(todo[0][0])
     key_of = {arrow_filesystem(url)[1]: key for url, key, _ in todo}
-    ds = ray.data.read_parquet(list(key_of), filesystem=fs, include_paths=True).select_columns(
+    # One read task per source shard: a task that reads several files holds them all, and its
+    # memory would then grow with the dataset instead of with the shard size.
+    ds = ray.data.read_parquet(list(key_of), filesystem=fs, include_paths=True,
+                               override_num_blocks=len(key_of)).select_columns(
         ["face_id", "identity", "split", "image", "path"])
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"model_url": model_url, "splits": tuple(cfg.splits),
                                                         "threads": cfg.threads_per_actor, "use_gpu": cfg.use_gpu},

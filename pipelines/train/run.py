@@ -67,7 +67,9 @@ def _decode(batch: dict, label_of: dict, splits: list, stored_size: int, crop_fr
 def build_dataset(cfg: RayTrainConfig, files: list[str], classes: list[str]) -> ray.data.Dataset:
     fs, _ = arrow_filesystem(files[0])
     paths = [arrow_filesystem(f)[1] for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["image", "identity", "split"])
+    # one read task per shard, so a read task's memory is bounded by the shard, not the dataset
+    ds = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths)).select_columns(
+        ["image", "identity", "split"])
     ds = ds.randomize_block_order(seed=cfg.seed).map_batches(
         _decode, batch_format="numpy", batch_size=256,
         fn_kwargs={"label_of": {c: i for i, c in enumerate(classes)}, "splits": list(cfg.train_splits),
