@@ -92,6 +92,23 @@ def train_step(module: torch.nn.Module, optimizer, images: torch.Tensor, labels:
     return {k: float(v.detach()) for k, v in parts.items()}
 
 
+def train_epoch(trainable: torch.nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor, image_size: int,
+                batch_size: int, generator: torch.Generator, step_budget: int = 0) -> tuple[dict[str, float], int]:
+    """One shuffled pass over in-memory faces: the sample-weighted mean of each loss part (plus
+    ``samples``) and the number of steps taken; stops after ``step_budget`` steps if positive."""
+    sums: dict[str, float] = {}
+    seen = steps = 0
+    for idx in batches(len(images), batch_size, generator):
+        parts = train_step(trainable, optimizer, augment(images[idx], image_size, generator), labels[idx])
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v * len(idx)
+        seen += len(idx)
+        steps += 1
+        if step_budget and steps >= step_budget:
+            break
+    return {**{k: v / seen for k, v in sums.items()}, "samples": seen}, steps
+
+
 def train_local(cfg: TrainConfig, train_set: FaceSet | None = None, query_set: FaceSet | None = None,
                 evaluate: bool = True, out=None) -> dict:
     """Train (or resume) and return the final epoch's losses plus retrieval metrics."""
@@ -122,19 +139,13 @@ def train_local(cfg: TrainConfig, train_set: FaceSet | None = None, query_set: F
     per_epoch = sum(len(b) for b in batches(len(train_set), cfg.batch_size, torch.Generator()))
     progress = Progress((cfg.epochs - start_epoch) * per_epoch, "samples", "train", interval=0, stream=out)
     for epoch in range(start_epoch, cfg.epochs):
-        sums: dict[str, float] = {}
-        seen, t_epoch = 0, time.monotonic()
-        for idx in batches(len(train_set), cfg.batch_size, gen):
-            parts = train_step(trainable, opt, augment(train_set.images[idx], m.image_size, gen), labels[idx])
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v * len(idx)
-            seen += len(idx)
-            steps += 1
-            if cfg.max_steps and steps >= cfg.max_steps:
-                break
+        t_epoch = time.monotonic()
+        means, taken = train_epoch(trainable, opt, train_set.images, labels, m.image_size, cfg.batch_size, gen,
+                                   cfg.max_steps - steps if cfg.max_steps else 0)
+        steps += taken
         sched.step()
-        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **{k: v / seen for k, v in sums.items()},
-                  "samples": seen, "samples_per_s": seen / max(time.monotonic() - t_epoch, 1e-9)}
+        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **means,
+                  "samples_per_s": means["samples"] / max(time.monotonic() - t_epoch, 1e-9)}
         history.append(record)
         save_checkpoint(cfg.model_url, training_state(
             model, opt, sched, epoch=epoch + 1, history=history, classes=classes, train=asdict(cfg),

@@ -1,7 +1,7 @@
 """Retrieval methods by name: OPQN and its ablations, DPQ-style learned PQ, DCDH hashing.
 
 Every method is built from the same ``TrainConfig`` (backbone width, image size, code length,
-D) and trained by the same loop (``train_method``: the trainer's ``augment``, ``batches``,
+D) and trained by the same loop (``train_method``: the trainer's ``train_epoch``, ``batches``,
 ``make_optimizer`` and ``train_step``), so a comparison differs only in the head and loss.
 A method also says how a database is encoded and how queries score it:
 
@@ -29,7 +29,7 @@ from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.evaluate.baselines import DCDH, DPQ, DCDHConfig, DPQConfig, hamming_distances
 from pipelines.image_folder import FaceSet
 from pipelines.progress import Progress
-from pipelines.train_local import TrainConfig, augment, batches, make_optimizer, train_step
+from pipelines.train_local import TrainConfig, batches, make_optimizer, train_epoch
 
 
 @dataclass(frozen=True)
@@ -123,17 +123,11 @@ def train_method(name: str, cfg: TrainConfig, train_set: FaceSet, out=None) -> t
     progress = Progress(cfg.epochs * per_epoch, "samples", f"train {name}", interval=0, stream=out)
     history, steps = [], 0
     for epoch in range(cfg.epochs):
-        sums, seen = {}, 0
-        for idx in batches(len(train_set), cfg.batch_size, gen):
-            parts = train_step(trainable, opt, augment(train_set.images[idx], cfg.image_size, gen), labels[idx])
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v * len(idx)
-            seen += len(idx)
-            steps += 1
-            if cfg.max_steps and steps >= cfg.max_steps:
-                break
+        means, taken = train_epoch(trainable, opt, train_set.images, labels, cfg.image_size, cfg.batch_size, gen,
+                                   cfg.max_steps - steps if cfg.max_steps else 0)
+        steps += taken
         sched.step()
-        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **{k: v / seen for k, v in sums.items()}}
+        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **means}
         history.append(record)
         progress.update(per_epoch, extra=f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.3f} acc {record['acc']:.3f}")
         if cfg.max_steps and steps >= cfg.max_steps:
