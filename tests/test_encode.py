@@ -4,7 +4,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -127,22 +126,15 @@ def test_killed_run_then_rerun_has_no_duplicate_or_missing_face(lfw_dir, model_u
     ds = write_face_dataset(tmp_path / "ds", lfw_dir, identities=8, photos=10, shards=10)
     gallery = tmp_path / "gallery"
     cmd = [sys.executable, "-m", "pipelines.cli", "encode", model_url, str(ds), str(gallery), "--batch-size", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    killed_at = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        m = read_manifest(str(gallery)) if (gallery / "manifest.json").exists() else None
-        if m is not None and m.generation >= 1:
-            proc.send_signal(signal.SIGKILL)
-            killed_at = m.generation
-            break
-        time.sleep(0.05)
-    proc.communicate(timeout=120)
-    assert killed_at is not None, "encode finished before it could be killed"
+    # kill -9 between commits, deterministically: right after the 3rd source shard is committed
+    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OPQN_FAULT_KILL_AFTER_COMMITS": "3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     partial = require_gallery(str(gallery))
-    assert len(partial.encoded_sources) < 10, "the kill landed after the last commit"
+    assert len(partial.encoded_sources) == 3
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert len(require_gallery(str(gallery)).encoded_sources) == 10
     assert set(gallery_codes(str(gallery))) == set(dataset_faces(ds)["face_id"])
 
 

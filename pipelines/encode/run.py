@@ -7,6 +7,8 @@ a run with nothing new writes nothing.
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -154,9 +156,14 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
     progress = Progress(total, "faces", "encode", stream=out)
     buffers, received = defaultdict(list), defaultdict(int)
 
+    # Fault injection for crash tests: SIGKILL this process right after the N-th commit.
+    kill_after = int(os.environ.get("OPQN_FAULT_KILL_AFTER_COMMITS", "0"))
+
     def finish(key):
         faces, rejected = _commit_source(gallery_url, state, key, fingerprint[key], buffers.pop(key, []), cfg)
         summary["sources_encoded"] += 1
+        if kill_after and summary["sources_encoded"] >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
         summary["faces"] += faces
         summary["rejected"] += rejected
         summary["code_shards_written"] += 1 if faces else 0
