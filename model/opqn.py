@@ -28,8 +28,28 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+class CodeShape:
+    """Shared by every product-quantization config (OPQN, DPQ): D = M*K when 0, shape checks,
+    sub-vector size d and code length in bits. Expects fields num_classes, M, K, D."""
+
+    def _check_code_shape(self) -> None:
+        if self.D == 0:
+            object.__setattr__(self, "D", self.M * self.K)
+        check_shape(self.D, self.M, self.K)
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 to train a classifier, got {self.num_classes}")
+
+    @property
+    def d(self) -> int:
+        return self.D // self.M
+
+    @property
+    def bits(self) -> float:
+        return self.M * math.log2(self.K)
+
+
 @dataclass(frozen=True)
-class OPQNConfig:
+class OPQNConfig(CodeShape):
     """Everything that fixes the network's shape and loss; stored verbatim in checkpoints."""
 
     num_classes: int
@@ -51,11 +71,7 @@ class OPQNConfig:
     variant: str = "opqn"
 
     def __post_init__(self):
-        if self.D == 0:
-            object.__setattr__(self, "D", self.M * self.K)
-        check_shape(self.D, self.M, self.K)
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2 to train a classifier, got {self.num_classes}")
+        self._check_code_shape()
         choices = {"loss_branches": ("xs", "s"), "classifier": ("subspace", "concat"),
                    "margin_loss": ("cosface", "softmax")}
         for name, allowed in choices.items():
@@ -63,14 +79,6 @@ class OPQNConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.K > 65536:
             raise ValueError(f"K={self.K} does not fit a uint16 code")
-
-    @property
-    def d(self) -> int:
-        return self.D // self.M
-
-    @property
-    def bits(self) -> float:
-        return self.M * math.log2(self.K)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,6 +7,7 @@ batch; readers yield batches row group by row group. Writes are atomic at file l
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable, Iterator
 
@@ -60,32 +61,26 @@ def iter_batches(url: str, columns: list[str] | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE,
                  storage_options: dict | None = None) -> Iterator[pa.RecordBatch]:
     """Yield the rows of the Parquet file at ``url`` as record batches of ``batch_size``."""
-    fs, path = urls.resolve(url, storage_options)
-    with errors_naming(url, "read"):
-        try:
-            f = fs.open(path, "rb")
-        except FileNotFoundError as exc:
-            raise StorageNotFoundError(f"not found: {url}", url) from exc
-        with f:
-            pf = pq.ParquetFile(f)
-            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+    with _parquet_file(url, storage_options) as pf:
+        yield from pf.iter_batches(batch_size=batch_size, columns=columns)
 
 
 def read_table(url: str, columns: list[str] | None = None,
                storage_options: dict | None = None) -> pa.Table:
     """The whole Parquet file at ``url`` as a table (for small files; else iterate)."""
-    fs, path = urls.resolve(url, storage_options)
-    with errors_naming(url, "read"):
-        try:
-            f = fs.open(path, "rb")
-        except FileNotFoundError as exc:
-            raise StorageNotFoundError(f"not found: {url}", url) from exc
-        with f:
-            return pq.ParquetFile(f).read(columns=columns)
+    with _parquet_file(url, storage_options) as pf:
+        return pf.read(columns=columns)
 
 
 def read_schema(url: str, storage_options: dict | None = None) -> pa.Schema:
     """The Arrow schema of the Parquet file at ``url`` (reads the footer only)."""
+    with _parquet_file(url, storage_options) as pf:
+        return pf.schema_arrow
+
+
+@contextlib.contextmanager
+def _parquet_file(url: str, storage_options: dict | None):
+    """Open ``url`` as a ParquetFile; errors name the URL (a missing file: StorageNotFoundError)."""
     fs, path = urls.resolve(url, storage_options)
     with errors_naming(url, "read"):
         try:
@@ -93,7 +88,7 @@ def read_schema(url: str, storage_options: dict | None = None) -> pa.Schema:
         except FileNotFoundError as exc:
             raise StorageNotFoundError(f"not found: {url}", url) from exc
         with f:
-            return pq.ParquetFile(f).schema_arrow
+            yield pq.ParquetFile(f)
 
 
 def _batches_and_schema(data: TableLike, schema: pa.Schema | None, url: str):

@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.backbone import ResNet20
-from model.codebooks import check_shape
-from model.opqn import code_dtype
+from model.opqn import CodeShape, code_dtype
 
 
 class _ConfigMixin:
@@ -47,7 +46,7 @@ class _ConfigMixin:
 
 
 @dataclass(frozen=True)
-class DPQConfig(_ConfigMixin):
+class DPQConfig(CodeShape, _ConfigMixin):
     num_classes: int
     M: int = 4
     K: int = 256
@@ -62,19 +61,7 @@ class DPQConfig(_ConfigMixin):
     variant: str = "dpq"
 
     def __post_init__(self):
-        if self.D == 0:
-            object.__setattr__(self, "D", self.M * self.K)
-        check_shape(self.D, self.M, self.K)
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2 to train a classifier, got {self.num_classes}")
-
-    @property
-    def d(self) -> int:
-        return self.D // self.M
-
-    @property
-    def bits(self) -> float:
-        return self.M * math.log2(self.K)
+        self._check_code_shape()
 
 
 class DPQ(nn.Module):
