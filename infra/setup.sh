@@ -2,8 +2,12 @@
 # Create (or update) the project's virtualenv in .venv and install opqn with its test tools.
 # Safe to re-run. torch==2.14.1 / torchvision==0.29.1 come from the machine's local wheels
 # where present; elsewhere pip downloads them.
+#   --with-browser  also install Debian's chromium + chromium-driver (the viewer test needs them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--with-browser" ]; then
+  bash infra/install_browser.sh
+fi
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 if [ ! -x .venv/bin/python ]; then

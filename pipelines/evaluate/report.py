@@ -2,9 +2,9 @@
 and a markdown summary. Plots use matplotlib's Agg backend (no display needed)."""
 from __future__ import annotations
 
+import io
 import json
 import os
-from pathlib import Path
 
 TIE_RULE = ("Ranking: score descending; ties (common with compact codes: identical codes score the "
             "same) are broken by database index ascending, i.e. a stable sort (model/metrics.py).")
@@ -97,22 +97,33 @@ def markdown(results: list[dict], context: dict, images: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _png(plot) -> bytes:
+    buf = io.BytesIO()
+    plot(buf)
+    return buf.getvalue()
+
+
 def write_report(report_dir: str | os.PathLike, results: list[dict], context: dict | None = None,
                  include_float: bool = True) -> dict[str, str]:
-    """Write metrics.json, pr.png, precision_at.png and report.md; returns their paths."""
+    """Write metrics.json, pr.png, precision_at.png and report.md to a folder URL (path or s3://);
+    returns their URLs. Each file is written atomically."""
+    from storage import files, urls
+
     if not results:
         raise ValueError("no results to report")
     context = dict(context or {})
-    out = Path(report_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(report_dir)
     title = context.get("title", "")
-    paths = {"metrics": out / "metrics.json", "pr": out / "pr.png", "precision_at": out / "precision_at.png",
-             "report": out / "report.md"}
+    paths = {"metrics": urls.join(out, "metrics.json"), "pr": urls.join(out, "pr.png"),
+             "precision_at": urls.join(out, "precision_at.png"), "report": urls.join(out, "report.md")}
     payload = {"context": context, "tie_rule": TIE_RULE, "results": results}
-    tmp = paths["metrics"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float))
-    os.replace(tmp, paths["metrics"])
-    plot_pr(results, paths["pr"], f"Precision-recall {title}".strip(), include_float)
-    plot_precision_at(results, paths["precision_at"], f"Precision@T {title}".strip(), include_float)
-    paths["report"].write_text(markdown(results, context, {"PR curve": "pr.png", "P@T": "precision_at.png"}))
-    return {k: str(v) for k, v in paths.items()}
+    contents = {
+        "metrics": json.dumps(payload, indent=1, default=float).encode(),
+        "pr": _png(lambda path: plot_pr(results, path, f"Precision-recall {title}".strip(), include_float)),
+        "precision_at": _png(lambda path: plot_precision_at(results, path, f"Precision@T {title}".strip(),
+                                                            include_float)),
+        "report": markdown(results, context, {"PR curve": "pr.png", "P@T": "precision_at.png"}).encode(),
+    }
+    for key, data in contents.items():
+        files.write_bytes_atomic(paths[key], data)
+    return paths
