@@ -18,6 +18,9 @@ STAGES = [
     "pipelines.query.cli",
     "pipelines.encode.cli",
     "pipelines.evaluate.cli",
+    "pipelines.viewer",
+    "pipelines.pipeline",
+    "infra.stack",
 ]
 
 

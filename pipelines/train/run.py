@@ -19,6 +19,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.checkpoint import load_checkpoint
+from storage import urls
 from pipelines.faces import arrow_filesystem, decode_batch, face_shard_files, read_face_columns
 from pipelines.train.config import RayTrainConfig
 from pipelines.train.worker import train_worker
@@ -92,6 +93,10 @@ def train(cfg: RayTrainConfig, out=None) -> dict:
         raise ValueError("no model URL given: where should the checkpoint go?")
     if cfg.workers < 1:
         raise ValueError(f"workers must be >= 1, got {cfg.workers}")
+    # Ray Train runs each worker in its own run folder, so a relative path would put the
+    # checkpoint there (under /tmp/ray/...) instead of where the user asked.
+    cfg = replace(cfg, **{k: urls.local_path(getattr(cfg, k)) for k in ("dataset", "model_url", "storage_path")
+                          if getattr(cfg, k) and urls.is_local(getattr(cfg, k))})
     files, classes, rows = training_identities(cfg)
     opqn_config = cfg.opqn_config(len(classes))  # raises on K > D/M and other shape errors
     per_worker = cfg.batch_size // cfg.workers

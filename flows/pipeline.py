@@ -1,0 +1,44 @@
+"""Prefect flow ``opqn-pipeline``: the main job, one Prefect task per stage; logic in ``pipelines.pipeline``.
+
+Stages run in order in the flow's process (in-process Ray, or the cluster named by
+RAY_ADDRESS). A failed run is retried by running the flow again with the same work folder:
+each stage skips or resumes what an earlier run finished.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+
+from prefect import flow, task
+
+from pipelines.pipeline import STAGES, PipelineConfig, run_stage, stage_urls, summary_line
+
+
+def _config(data: str, workdir: str, options: dict) -> PipelineConfig:
+    known = {f.name for f in fields(PipelineConfig)} - {"data", "workdir"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown pipeline options {unknown}; valid: {sorted(known)}")
+    return PipelineConfig(data=data, workdir=workdir, **options)
+
+
+@flow(name="opqn-pipeline", log_prints=True)
+def opqn_pipeline_flow(data: str = "", workdir: str = "runs/pipeline", options: dict | None = None) -> dict:
+    """Photos under DATA -> face shards, model, gallery, results, report and viewer under WORKDIR.
+
+    ``options`` takes any other `opqn pipeline` setting by name (epochs, bits, min_photos,
+    crop_size, width, workers, ...); unknown names are rejected before anything starts.
+    """
+    import sys
+    import time
+
+    from pipelines.train.run import init_ray
+
+    cfg = _config(data, workdir, options or {})
+    where = stage_urls(cfg)
+    t0 = time.monotonic()
+    init_ray()
+    results = {}
+    for name, fn in STAGES:
+        results[name] = task(run_stage, name=name, task_run_name=name)(name, fn, cfg, where, sys.stdout)
+    print(summary_line(results, where, time.monotonic() - t0))
+    return {"urls": where, "stages": results}

@@ -1,0 +1,185 @@
+"""The main job: photos -> face shards -> model -> gallery -> ranked results -> report and viewer.
+
+Every stage is the function its own command runs (`opqn prepare`, `train`, `encode`, `query`,
+`evaluate`, `view`), called with URLs under one work folder. The job is therefore as
+resumable as its stages: a re-run skips photos already prepared, continues training from the
+last checkpoint, encodes only new face shards, and redoes the cheap query, evaluate and view
+steps. Embedded defaults (local disk, in-process Ray); ``s3://`` work folders and
+``RAY_ADDRESS`` run the same job on object storage and a cluster. The Prefect flow
+``opqn-pipeline`` (flows/pipeline.py) runs the same stage list as tasks.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from pipelines.progress import format_seconds
+from pipelines.recipe import add_config_arguments, config_from_args
+from storage import urls
+
+
+@dataclass
+class PipelineConfig:
+    data: str = ""  # photo tree (identity/photo, local or s3://); "" = <OPQN_DATA>/lfw
+    workdir: str = "runs/pipeline"  # URL that receives dataset/, model.pt, gallery/<model id>/, results.parquet, report/, viewer/
+    min_photos: int = 10  # identities with fewer photos are rejected before detection
+    query_fraction: float = 0.2  # of each identity's photos: queries; the rest is training set and gallery
+    crop_size: int = 64  # stored aligned crop (pixels)
+    bits: int = 32
+    codewords: int = 256
+    image_size: int = 32  # network input; 112 with --width 1.0 is the paper's setting (GPU)
+    width: float = 0.25
+    epochs: int = 20
+    batch_size: int = 256
+    workers: int = 2  # Ray Train workers
+    use_gpu: bool = False
+    top_k: int = 100
+    view_queries: int = 40
+    view_top_k: int = 10
+    seed: int = 0
+
+    def source(self) -> str:
+        if self.data:
+            return self.data
+        from pipelines.settings import dataset_dir
+
+        return str(dataset_dir("lfw"))
+
+
+def stage_urls(cfg: PipelineConfig) -> dict[str, str]:
+    """Where each stage writes, all under the work folder."""
+    root = cfg.workdir.rstrip("/")
+    if urls.is_local(root):
+        root = urls.local_path(root)  # Ray workers do not share the driver's working directory
+    return {"dataset": urls.join(root, "dataset"), "model": urls.join(root, "model.pt"),
+            "gallery": urls.join(root, "gallery"), "results": urls.join(root, "results.parquet"),
+            "report": urls.join(root, "report"), "viewer": urls.join(root, "viewer", "index.html")}
+
+
+def prepare(cfg: PipelineConfig, where: dict, out) -> dict:
+    from pipelines.ingest.config import IngestConfig
+    from pipelines.ingest.run import prepare_dataset
+
+    ingest = IngestConfig(size=cfg.crop_size, min_photos=cfg.min_photos, query_fraction=cfg.query_fraction,
+                          seed=cfg.seed)
+    r = prepare_dataset(cfg.source(), where["dataset"], ingest, stream=out)
+    return {"photos": r.photos, "processed": r.processed, "faces_written": r.faces,
+            "rejected": sum(r.rejected.values()), "rejected_by_reason": r.rejected}
+
+
+def train(cfg: PipelineConfig, where: dict, out) -> dict:
+    from pipelines.train.config import RayTrainConfig
+    from pipelines.train.run import train as ray_train
+
+    rc = RayTrainConfig(dataset=where["dataset"], model_url=where["model"], train_splits=("database",),
+                        bits=cfg.bits, codewords=cfg.codewords, image_size=cfg.image_size, width=cfg.width,
+                        epochs=cfg.epochs, batch_size=cfg.batch_size, workers=cfg.workers,
+                        use_gpu=cfg.use_gpu, seed=cfg.seed)
+    r = ray_train(rc, out=out)
+    last = r["history"][-1] if r["history"] else {}
+    return {"epochs": r["epoch"], "faces": r["faces"], "identities": r["identities"],
+            "loss": last.get("loss"), "acc": last.get("acc")}
+
+
+def model_gallery(where: dict) -> str:
+    """The gallery of the current model: ``gallery/<model id>``.
+
+    A gallery is bound to the model that encoded it, so a re-run that trained further (more
+    epochs, another code length) encodes into a new gallery beside the old one instead of
+    being refused or overwriting it.
+    """
+    from pipelines.checkpoint import load_checkpoint
+
+    return urls.join(where["gallery"], load_checkpoint(where["model"])["model_id"][:16])
+
+
+def encode(cfg: PipelineConfig, where: dict, out) -> dict:
+    from pipelines.encode.run import EncodeConfig, encode_gallery
+    from pipelines.gallery import require_gallery
+
+    gallery_url = model_gallery(where)
+    r = encode_gallery(where["model"], where["dataset"], gallery_url,
+                       EncodeConfig(splits=("database",), use_gpu=cfg.use_gpu), out=out)
+    gallery = require_gallery(gallery_url)
+    return {"gallery": gallery_url, "encoded_now": r["faces"], "gallery_codes": gallery.rows,
+            "code_shards": len(gallery.shards), "bytes_per_code": gallery.M * (1 if gallery.K <= 256 else 2)}
+
+
+def query(cfg: PipelineConfig, where: dict, out) -> dict:
+    from pipelines.query.run import QueryConfig, query_batch
+
+    r = query_batch(where["model"], model_gallery(where), where["dataset"], where["results"],
+                    QueryConfig(top_k=cfg.top_k, split="query"), out=out)
+    return {"queries": r["queries"], "result_rows": r["result_rows"], "codes_per_s": round(r["codes_per_s"])}
+
+
+def evaluate(cfg: PipelineConfig, where: dict, out) -> dict:
+    from pipelines.evaluate.evaluation import evaluate_url
+
+    r = evaluate_url(where["model"], where["dataset"], where["report"], "single")["result"]
+    q, f = r["quantized"], r["float"]
+    return {"map": q["map"], "p_at_5": q["precision_at"].get(5), "map_float": f["map"],
+            "queries": q["queries"], "database": q["database"], "report": where["report"]}
+
+
+def view(cfg: PipelineConfig, where: dict, out) -> dict:
+    from pipelines.viewer import write_viewer
+
+    r = write_viewer(where["dataset"], where["results"], where["report"], where["viewer"],
+                     max_queries=cfg.view_queries, top_k=cfg.view_top_k)
+    return {"viewer": where["viewer"], "queries_shown": r.get("queries")}
+
+
+# In order. The Prefect flow runs each of these as one task.
+STAGES = [("prepare", prepare), ("train", train), ("encode", encode), ("query", query),
+          ("evaluate", evaluate), ("view", view)]
+
+
+def run_stage(name: str, fn, cfg: PipelineConfig, where: dict, out) -> dict:
+    print(f"[pipeline] stage {name} ...", file=out, flush=True)
+    t0 = time.monotonic()
+    result = fn(cfg, where, out)
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    print(f"[pipeline] stage {name} done in {format_seconds(result['seconds'])}: "
+          + ", ".join(f"{k}={v}" for k, v in result.items() if k != "seconds"), file=out, flush=True)
+    return result
+
+
+def summary_line(results: dict, where: dict, seconds: float) -> str:
+    p, t, e, v = results["prepare"], results["train"], results["encode"], results["evaluate"]
+    return (f"[pipeline] done in {format_seconds(seconds)}: {p['photos']} photos -> {e['gallery_codes'] + v['queries']} "
+            f"faces ({p['rejected']} rejected this run); OPQN {t['epochs']} epochs on {t['faces']} faces of "
+            f"{t['identities']} identities; gallery {e['gallery_codes']} faces x {e['bytes_per_code']} bytes; "
+            f"{v['queries']} queries: mAP {v['map']:.4f}, P@5 {v['p_at_5']:.4f} (float features mAP "
+            f"{v['map_float']:.4f}). Report: {where['report']}/report.md  Viewer: {where['viewer']}")
+
+
+def run_pipeline(cfg: PipelineConfig, out=None) -> dict:
+    """Run every stage in order; returns each stage's result and the stage URLs."""
+    out = out or sys.stderr
+    where = stage_urls(cfg)
+    t0 = time.monotonic()
+    print(f"[pipeline] {cfg.source()} -> {cfg.workdir} ({len(STAGES)} stages: "
+          f"{', '.join(n for n, _ in STAGES)})", file=out, flush=True)
+    from pipelines.train.run import init_ray
+
+    init_ray()  # one Ray for every stage (in-process, or the cluster of RAY_ADDRESS)
+    results = {name: run_stage(name, fn, cfg, where, out) for name, fn in STAGES}
+    seconds = time.monotonic() - t0
+    print(summary_line(results, where, seconds), file=out, flush=True)
+    return {"config": asdict(cfg), "urls": where, "stages": results, "seconds": round(seconds, 1)}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pipeline", help="the main job: prepare -> train -> encode -> query -> evaluate -> viewer, in one command",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p, PipelineConfig)
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args) -> int:
+    run_pipeline(config_from_args(PipelineConfig, args), out=sys.stdout)
+    return 0
