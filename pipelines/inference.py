@@ -6,7 +6,9 @@ and query tables see faces exactly as training did.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from model.opqn import OPQN
 from pipelines.faces import decode_batch
@@ -34,3 +36,26 @@ def codes_from_images(model: OPQN, images, size: int) -> torch.Tensor:
 @torch.no_grad()
 def tables_from_images(model: OPQN, images, size: int) -> torch.Tensor:
     return model.tables_from_features(features_from_images(model, images, size))
+
+
+def stored_feature(x: torch.Tensor) -> np.ndarray:
+    """Features x (N, D) -> what a gallery stores for re-ranking: l2-normalised, float16.
+
+    The same vector evaluation's float upper bound uses (``F.normalize`` of the backbone
+    feature), rounded to half precision to halve the bytes (2 * D bytes per face).
+    """
+    return F.normalize(x.float(), dim=1).cpu().numpy().astype(np.float16)
+
+
+def exact_cosine(queries: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """Re-rank scores: cosine of each query feature row with the stored feature in the same row.
+
+    ``queries`` (n, D) any float (the model's features), ``stored`` (n, D) float16 as stored.
+    Both sides are normalised and the dot product is taken in float64, then rounded to
+    float32, so a pair's score does not depend on how pairs are batched.
+    """
+    q = np.asarray(queries, dtype=np.float64)
+    s = np.asarray(stored, dtype=np.float64)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    s = s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-12)
+    return np.einsum("ij,ij->i", q, s).astype(np.float32)

@@ -9,7 +9,11 @@ from pipelines.recipe import add_config_arguments, config_from_args
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("encode", help="encode a face dataset's new shards into a gallery of codes (Ray Data)")
+    p = subparsers.add_parser("encode", help="encode a face dataset's new shards into a gallery of codes (Ray Data)",
+                              description="Writes GALLERY/codes/part-*.parquet and the manifest. --store-features "
+                                          "also writes each face's l2-normalised float feature as float16 (2 x D bytes "
+                                          "a face) to GALLERY/features/, for `opqn query --rerank`; a gallery keeps "
+                                          "the setting of its first encode (mixing is refused).")
     p.add_argument("model_url")
     p.add_argument("dataset")
     p.add_argument("gallery")
@@ -26,7 +30,7 @@ def register(subparsers) -> None:
     c = sub.add_parser("compact", help="rewrite shards without deleted faces")
     c.add_argument("gallery")
     c.set_defaults(func=run_compact)
-    i = sub.add_parser("info", help="size, shards, model id, deleted count")
+    i = sub.add_parser("info", help="size, shards, model id, deleted count, stored float features and their bytes")
     i.add_argument("gallery")
     i.set_defaults(func=run_info)
 

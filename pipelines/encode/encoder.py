@@ -1,8 +1,10 @@
 """The per-batch work of encoding: a callable class Ray Data runs in an actor pool.
 
 Each actor loads the model once (GPU when asked and present) and turns batches of encoded
-face crops into hard codes. A face whose image cannot be decoded becomes a reject with its
-reason instead of failing the whole run.
+face crops into hard codes, and with ``store_features`` also into the l2-normalised float
+feature as float16 (``pipelines.inference.stored_feature``: the vector evaluation's float
+upper bound takes the cosine of). A face whose image cannot be decoded becomes a reject with
+its reason instead of failing the whole run.
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ import torch
 
 from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
 from pipelines.image_folder import decode_face
-from pipelines.inference import stored_size
+from pipelines.inference import stored_feature, stored_size
 from pipelines.retrieval import embed
 
 
 class Encoder:
-    def __init__(self, model_url: str, splits: tuple = (), threads: int = 1, use_gpu: bool = False):
+    def __init__(self, model_url: str, splits: tuple = (), threads: int = 1, use_gpu: bool = False,
+                 store_features: bool = False):
         torch.set_num_threads(max(1, threads))
         state = load_checkpoint(model_url)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -24,6 +27,7 @@ class Encoder:
         self.size = stored_size(state)
         self.M = self.model.cfg.M
         self.splits = set(splits)
+        self.store_features = store_features
 
     def __call__(self, batch: dict) -> dict:
         keep = np.ones(len(batch["face_id"]), dtype=bool)
@@ -39,8 +43,14 @@ class Encoder:
         idx = np.flatnonzero(keep)
         ok = np.array([r == "" for r in reasons], dtype=bool)
         codes = np.zeros((len(idx), self.M), dtype=np.uint16 if self.model.cfg.K > 256 else np.uint8)
+        features = np.zeros((len(idx), self.model.cfg.D), dtype=np.float16) if self.store_features else None
         if ok.any():
             x = embed(self.model, torch.from_numpy(np.stack(images)).to(self.device))
             codes[ok] = self.model.codes_from_features(x).cpu().numpy()
-        return {"face_id": batch["face_id"][idx], "identity": batch["identity"][idx], "path": batch["path"][idx],
-                "codes": codes, "reject": np.array(reasons, dtype=object)}
+            if features is not None:
+                features[ok] = stored_feature(x)
+        out = {"face_id": batch["face_id"][idx], "identity": batch["identity"][idx], "path": batch["path"][idx],
+               "codes": codes, "reject": np.array(reasons, dtype=object)}
+        if features is not None:
+            out["features"] = features
+        return out

@@ -1,6 +1,7 @@
 """Driver of gallery encoding: which source shards are new, Ray Data to encode them, commits.
 
-Work is committed per source shard: its code shard(s), its rejects and its watermark entry
+Work is committed per source shard: its code shard(s), with ``store_features`` the paired
+feature shard(s) (``pipelines.gallery``), its rejects and its watermark entry
 (``encoded_sources``) go into the gallery manifest in one atomic commit. A run killed at any
 point leaves only whole source shards committed, and the next run encodes exactly the rest;
 a run with nothing new writes nothing.
@@ -20,7 +21,8 @@ import pyarrow as pa
 from pipelines.checkpoint import load_checkpoint
 from pipelines.encode.encoder import Encoder
 from pipelines.faces import arrow_filesystem, face_shards, read_face_columns
-from pipelines.gallery import CODES_DIR, code_schema, gallery_metadata, open_gallery
+from pipelines.gallery import (CODES_DIR, code_schema, feature_table, gallery_metadata, open_gallery,
+                               write_feature_shard)
 from pipelines.progress import Progress, format_seconds
 from storage.manifest import Manifest, commit, write_data_file
 
@@ -36,6 +38,9 @@ class EncodeConfig:
     threads_per_actor: int = 1
     use_gpu: bool = False
     max_sources: int = 0  # encode at most this many new source shards in this run (0: all)
+    # also store each face's l2-normalised float feature (float16, 2*D bytes a face) in
+    # <gallery>/features/ for `opqn query --rerank`; fixed for a gallery by its first encode
+    store_features: bool = False
 
 
 def codebook_scheme(state: dict) -> str:
@@ -49,6 +54,7 @@ def plan(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig):
     gallery = open_gallery(gallery_url)
     if gallery is not None:
         gallery.check_model(state["model_id"], c["D"], c["M"], c["K"])
+        gallery.check_features(cfg.store_features)
     done = gallery.encoded_sources if gallery else {}
     todo, stale = [], []
     for url, key, fingerprint in face_shards(dataset):
@@ -81,23 +87,35 @@ def _commit_source(gallery_url: str, state: dict, key: str, fingerprint: str, ch
     order = np.argsort(face_id[ok], kind="stable")  # stable row order whatever the batch arrival order
     entries = []
     fid, ident, cds = face_id[ok][order], identity[ok][order], codes[ok][order]
+    if cfg.store_features:
+        fts = (np.concatenate([ch["features"] for ch in chunks]) if chunks
+               else np.zeros((0, c["D"]), dtype=np.float16))[ok][order]
     for start in range(0, len(fid), cfg.shard_rows):
         sl = slice(start, start + cfg.shard_rows)
         flat = pa.array(cds[sl].reshape(-1), type=schema.field("codes").type.value_type)
         table = pa.table({"face_id": pa.array(fid[sl].tolist(), pa.string()),
                           "identity": pa.array(ident[sl].tolist(), pa.string()),
                           "codes": pa.FixedSizeListArray.from_arrays(flat, c["M"])}, schema=schema)
-        entries.append(write_data_file(gallery_url, table, subdir=CODES_DIR, schema=schema))
+        entry = write_data_file(gallery_url, table, subdir=CODES_DIR, schema=schema)
+        entries.append(entry)
+        if cfg.store_features:  # the paired feature shard: same rows, same order, same commit
+            entries.append(write_feature_shard(gallery_url, entry,
+                                               feature_table(fid[sl].tolist(), fts[sl], c["D"])))
     if (~ok).any():
         rej = pa.table({"face_id": face_id[~ok].tolist(), "source": [key] * int((~ok).sum()),
                         "reason": reject[~ok].tolist()}, schema=REJECT_SCHEMA)
         entries.append(write_data_file(gallery_url, rej, subdir="rejects", schema=REJECT_SCHEMA))
-    meta = gallery_metadata(state["model_id"], c["D"], c["M"], c["K"], codebook_scheme(state), {})
+    meta = gallery_metadata(state["model_id"], c["D"], c["M"], c["K"], codebook_scheme(state), {},
+                            store_features=cfg.store_features)
 
     def change(current: Manifest) -> Manifest:
         metadata = dict(current.metadata) if current.metadata else meta
         if metadata.get("model_id") != state["model_id"]:
             raise ValueError(f"gallery {gallery_url} was encoded by model {metadata.get('model_id')} meanwhile")
+        has_features = metadata.get("features") is not None
+        if has_features != cfg.store_features:
+            raise ValueError(f"gallery {gallery_url} was encoded {'with' if has_features else 'without'} float "
+                             f"features meanwhile; a gallery is either with or without features")
         sources = dict(metadata.get("encoded_sources", {}))
         if key in sources:  # a concurrent run committed this source first: add nothing twice
             return current
@@ -127,7 +145,8 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
     state, gallery, todo, expected = plan(model_url, dataset, gallery_url, cfg)
     skipped = len(gallery.encoded_sources) if gallery else 0
     summary = {"gallery": gallery_url, "model_id": state["model_id"], "sources_encoded": 0,
-               "sources_skipped": skipped, "faces": 0, "rejected": 0, "code_shards_written": 0}
+               "sources_skipped": skipped, "faces": 0, "rejected": 0, "code_shards_written": 0,
+               "store_features": cfg.store_features}
     if not todo:
         print(f"encode: nothing new in {dataset} for {gallery_url} ({skipped} source shard(s) already encoded)",
               file=out, flush=True)
@@ -146,15 +165,18 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
                                override_num_blocks=len(key_of)).select_columns(
         ["face_id", "identity", "split", "image", "path"])
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"model_url": model_url, "splits": tuple(cfg.splits),
-                                                        "threads": cfg.threads_per_actor, "use_gpu": cfg.use_gpu},
+                                                        "threads": cfg.threads_per_actor, "use_gpu": cfg.use_gpu,
+                                                        "store_features": cfg.store_features},
                         batch_size=cfg.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=cfg.actors or _auto_actors(cfg)),
                         num_cpus=cfg.threads_per_actor, num_gpus=1 if cfg.use_gpu else 0)
     total = sum(expected.values())
     print(f"encode: {total} faces in {len(todo)} new source shard(s) of {dataset} -> {gallery_url} "
-          f"(model {state['model_id']}, {skipped} source shard(s) already encoded)", file=out, flush=True)
+          f"(model {state['model_id']}, {skipped} source shard(s) already encoded"
+          f"{', with float16 features' if cfg.store_features else ''})", file=out, flush=True)
     progress = Progress(total, "faces", "encode", stream=out)
     buffers, received = defaultdict(list), defaultdict(int)
+    columns = ("face_id", "identity", "codes", "reject") + (("features",) if cfg.store_features else ())
 
     # Fault injection for crash tests: SIGKILL this process right after the N-th commit.
     kill_after = int(os.environ.get("OPQN_FAULT_KILL_AFTER_COMMITS", "0"))
@@ -176,7 +198,7 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
         keys = np.array([key_of[p] for p in batch["path"]], dtype=object)
         for key in np.unique(keys):
             sel = keys == key
-            buffers[key].append({k: batch[k][sel] for k in ("face_id", "identity", "codes", "reject")})
+            buffers[key].append({k: batch[k][sel] for k in columns})
             received[key] += int(sel.sum())
             if received[key] == expected[key]:
                 finish(key)

@@ -15,7 +15,10 @@ def register(subparsers) -> None:
                     "is scored exactly (sum of M table entries) in Ray tasks over groups of code shards, and the "
                     "per-task top-k are merged. RESULTS is one Parquet file: query_id, rank (0 = best), face_id, "
                     "score, ordered per query by score desc, then gallery position (shard in manifest order, "
-                    "row). Tombstoned faces never appear. RAY_ADDRESS runs the tasks on a cluster.")
+                    "row). Tombstoned faces never appear. RAY_ADDRESS runs the tasks on a cluster. "
+                    "--rerank R (R >= --top-k; a gallery encoded with --store-features) keeps the PQ top-R and "
+                    "returns the top-k of those re-scored by the exact cosine of the float features (score = "
+                    "that cosine; ties by gallery position).")
     p.add_argument("model_url", metavar="MODEL_URL", help="checkpoint that encoded the gallery (path, file://, s3://)")
     p.add_argument("gallery", metavar="GALLERY", help="gallery URL (code shards + manifest.json)")
     p.add_argument("queries", metavar="QUERIES",

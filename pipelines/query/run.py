@@ -13,11 +13,16 @@
    (``topk.scan_shards``) and returns its top-k per query. At most ``cfg.max_in_flight`` tasks
    run at once and results are merged as they arrive, so memory is bounded by the shards in
    flight and the top-k tables, whatever the gallery size. Tombstoned faces are dropped.
-4. Results (``RESULT_SCHEMA``), one Parquet file at ``results_url``: ``query_id, rank, face_id,
+4. Optional exact re-rank (``cfg.rerank = R >= top_k``, a gallery encoded with
+   ``--store-features``): the scan keeps the top-R by the LUT score, each task attaches the
+   exact cosine of the query's float feature with the stored feature of its candidates, and
+   the top-k of the global top-R by that cosine are returned (``pipelines.query.rerank``).
+5. Results (``RESULT_SCHEMA``), one Parquet file at ``results_url``: ``query_id, rank, face_id,
    score``; per query (in input order) rank 0 is the best; ordered by score desc, then the
    code's position in the gallery (shard index in manifest order, row in the shard), so ties
    are deterministic and the output is the same for any shard grouping, task count or
-   re-sharding that keeps the codes' global order.
+   re-sharding that keeps the codes' global order. With re-rank, ``score`` is the exact cosine
+   and the same order (cosine desc, then gallery position) applies.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from pipelines.gallery import deleted_ids, require_gallery
 from pipelines.inference import stored_size
 from pipelines.progress import Progress, format_seconds
 from pipelines.query.kernels import KERNELS, check_kernel, choose_kernel
+from pipelines.query.rerank import check_depth, rerank_topk
 from pipelines.query.topk import ShardTask, empty_topk, group_shards, merge_topk, scan_shards
 from storage import urls
 from storage.tables import write_table
@@ -59,10 +65,14 @@ class QueryConfig:
     batch_size: int = 256  # query images per forward pass
     executor: str = "ray"  # "ray" (in-process, or the cluster of RAY_ADDRESS) or "local" (no Ray)
     progress_interval: float = 5.0  # seconds between progress lines
+    # exact re-rank: keep the PQ top-R (R >= top_k), re-score them by the cosine of the float
+    # features (gallery encoded with --store-features), return the top-k of those; 0: off
+    rerank: int = 0
 
     def __post_init__(self):
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        check_depth(self.top_k, self.rerank)
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown kernel {self.kernel!r}; choose from {KERNELS}")
         if self.executor not in ("ray", "local"):
@@ -103,14 +113,20 @@ def load_queries(queries_url: str, split: str, size: int, crop_fraction: float =
 
 
 def query_tables(model, images, batch_size: int) -> np.ndarray:
+    return query_inputs(model, images, batch_size)[0]
+
+
+def query_inputs(model, images, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(query tables (nq, M, K) float32, float features x (nq, D) float32) of the query images."""
     from pipelines.retrieval import embed
 
     if not len(images):
-        return np.empty((0, model.cfg.M, model.cfg.K), np.float32)
-    tables = model.tables_from_features(embed(model, images, batch_size)).numpy().astype(np.float32)
+        return np.empty((0, model.cfg.M, model.cfg.K), np.float32), np.empty((0, model.cfg.D), np.float32)
+    x = embed(model, images, batch_size)
+    tables = model.tables_from_features(x).numpy().astype(np.float32)
     if not np.isfinite(tables).all():
         raise ValueError("the model produced non-finite query tables")
-    return tables
+    return tables, x.numpy().astype(np.float32)
 
 
 def results_table(best: pa.Table, query_ids: list[str]) -> pa.Table:
@@ -129,9 +145,12 @@ def _scan_task(*args):
 
 
 def scan_gallery(tables: np.ndarray, groups: list[list[ShardTask]], deleted: pa.Array, cfg: QueryConfig,
-                 storage_options: dict | None, progress: Progress, nodes: set | None = None):
+                 storage_options: dict | None, progress: Progress, nodes: set | None = None,
+                 query_features: np.ndarray | None = None):
     """``scan_shards`` for every group (Ray tasks, at most ``max_in_flight`` submitted at once,
-    or in this process), merged as results arrive; returns the global top-k table."""
+    or in this process), merged as results arrive; returns the global top-k table (top-R rows
+    with their ``exact`` column when ``query_features`` are given for a re-rank)."""
+    depth = check_depth(cfg.top_k, cfg.rerank)
     best = empty_topk()
     done_codes = 0
 
@@ -143,8 +162,8 @@ def scan_gallery(tables: np.ndarray, groups: list[list[ShardTask]], deleted: pa.
 
     if cfg.executor == "local":
         for group in groups:
-            best = merge_topk([best, scan_shards(tables, group, cfg.top_k, deleted, cfg.kernel, storage_options)],
-                              cfg.top_k)
+            best = merge_topk([best, scan_shards(tables, group, depth, deleted, cfg.kernel, storage_options,
+                                                 0, query_features)], depth)
             report(group)
         return best
 
@@ -158,20 +177,21 @@ def scan_gallery(tables: np.ndarray, groups: list[list[ShardTask]], deleted: pa.
     remote = ray.remote(_scan_task).options(num_cpus=cfg.threads_per_task, num_gpus=cfg.gpus_per_task,
                                             max_retries=3, scheduling_strategy="SPREAD")
     tables_ref, deleted_ref = ray.put(tables), ray.put(deleted)
+    features_ref = ray.put(query_features) if query_features is not None else None
     pending = list(reversed(groups))
     in_flight: dict = {}
     while pending or in_flight:
         while pending and len(in_flight) < max_in_flight:
             group = pending.pop()
-            ref = remote.remote(tables_ref, group, cfg.top_k, deleted_ref, cfg.kernel, storage_options,
-                                cfg.threads_per_task)
+            ref = remote.remote(tables_ref, group, depth, deleted_ref, cfg.kernel, storage_options,
+                                cfg.threads_per_task, features_ref)
             in_flight[ref] = group
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         group = in_flight.pop(ready[0])
         part, node = ray.get(ready[0])
         if nodes is not None:
             nodes.add(node)
-        best = merge_topk([best, part], cfg.top_k)
+        best = merge_topk([best, part], depth)
         report(group)
     return best
 
@@ -191,17 +211,25 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
     gallery.check_model(state["model_id"], mc.D, mc.M, mc.K)
     if cfg.kernel != "auto":
         check_kernel(cfg.kernel, mc.K)
+    if cfg.rerank and not gallery.has_features:
+        raise ValueError(f"gallery {gallery_url} has no stored float features, so it cannot be re-ranked "
+                         f"(rerank={cfg.rerank}): encode the gallery with --store-features (into a new gallery: "
+                         f"a gallery keeps the setting of its first encode), or query without --rerank")
 
     query_ids, images = load_queries(queries_url, cfg.split, stored_size(state), cfg.crop_fraction,
                                      storage_options)
-    tables = query_tables(model, images, cfg.batch_size)
+    tables, features = query_inputs(model, images, cfg.batch_size)
     nq = len(query_ids)
     deleted = pa.array(sorted(deleted_ids(gallery, storage_options)), pa.string())
-    shards = [ShardTask(i, urls.join(gallery.url, s.path), s.rows) for i, s in enumerate(gallery.shards)]
+    feature_urls = gallery.feature_urls() if cfg.rerank else [None] * len(gallery.shards)
+    shards = [ShardTask(i, urls.join(gallery.url, s.path), s.rows, feature_urls[i])
+              for i, s in enumerate(gallery.shards)]
     groups = group_shards(shards, cfg.rows_per_task, cfg.shards_per_task)
     kernel = choose_kernel(cfg.kernel, nq, mc.K)
     print(f"[query] {nq} queries, gallery {gallery_url}: {gallery.rows} codes in {len(shards)} shards "
-          f"({len(groups)} tasks), {len(deleted)} deleted, top-{cfg.top_k}, kernel {kernel}, executor {cfg.executor}",
+          f"({len(groups)} tasks), {len(deleted)} deleted, top-{cfg.top_k}"
+          f"{f' of the exact re-rank of the PQ top-{cfg.rerank}' if cfg.rerank else ''}, kernel {kernel}, "
+          f"executor {cfg.executor}",
           file=out, flush=True)
     if nq and cfg.executor == "ray":
         from pipelines.train.run import init_ray
@@ -214,14 +242,18 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
         best = empty_topk()
     else:
         progress = Progress(len(shards), "shards", "query", cfg.progress_interval, out)
-        best = scan_gallery(tables, groups, deleted, cfg, storage_options, progress, nodes)
+        best = scan_gallery(tables, groups, deleted, cfg, storage_options, progress, nodes,
+                            features if cfg.rerank else None)
+        if cfg.rerank:
+            best = rerank_topk(best, cfg.top_k)
     scan_seconds = time.monotonic() - t_scan
     results = results_table(best, query_ids)
     write_table(results_url, results, schema=RESULT_SCHEMA, storage_options=storage_options)
     seconds = time.monotonic() - t0
     codes_per_s = gallery.rows / scan_seconds if nq and scan_seconds > 0 else 0.0
     summary = {"queries": nq, "gallery_codes": gallery.rows, "deleted": len(deleted), "shards": len(shards),
-               "tasks": len(groups) if nq else 0, "nodes": len(nodes), "top_k": cfg.top_k, "kernel": kernel,
+               "tasks": len(groups) if nq else 0, "nodes": len(nodes), "top_k": cfg.top_k, "rerank": cfg.rerank,
+               "kernel": kernel,
                "result_rows": results.num_rows,
                "scan_seconds": round(scan_seconds, 3), "seconds": round(seconds, 3),
                "codes_per_s": codes_per_s, "scores_per_s": codes_per_s * nq, "results_url": results_url,

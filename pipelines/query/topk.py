@@ -27,11 +27,13 @@ TOPK_SCHEMA = pa.schema([("query", pa.int32()), ("score", pa.float32()), ("shard
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One code shard to scan: its manifest position, URL and row count."""
+    """One code shard to scan: its manifest position, URL and row count (and, in a gallery
+    with features, the URL of its paired feature shard, for the exact re-rank)."""
 
     index: int
     url: str
     rows: int
+    features_url: str | None = None
 
 
 def empty_topk() -> pa.Table:
@@ -88,8 +90,12 @@ def merge_topk(parts: list[pa.Table], k: int) -> pa.Table:
 
 
 def scan_shards(tables: np.ndarray, shards: list[ShardTask], k: int, deleted: pa.Array | None = None,
-                kernel: str = "auto", storage_options: dict | None = None, threads: int = 0) -> pa.Table:
-    """One task's work: each shard in turn (one in memory at a time), merged as it goes."""
+                kernel: str = "auto", storage_options: dict | None = None, threads: int = 0,
+                query_features: np.ndarray | None = None) -> pa.Table:
+    """One task's work: each shard in turn (one in memory at a time), merged as it goes.
+
+    With ``query_features`` (nq, D) the task's top-k rows also get their exact re-rank score
+    (column ``exact``, see ``pipelines.query.rerank``), from the shards' feature files."""
     if threads:
         import faiss
         import torch
@@ -99,6 +105,10 @@ def scan_shards(tables: np.ndarray, shards: list[ShardTask], k: int, deleted: pa
     best = empty_topk()
     for shard in shards:
         best = merge_topk([best, shard_topk(tables, shard, k, deleted, kernel, storage_options)], k)
+    if query_features is not None:
+        from pipelines.query.rerank import attach_exact
+
+        best = attach_exact(best, shards, query_features, storage_options)
     return best
 
 

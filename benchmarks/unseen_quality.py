@@ -1,0 +1,250 @@
+"""Quality on unseen identities: PQ codes, float features, and the exact re-rank in between.
+
+Protocol (the cross-domain case of docs/opqn-method.md, issue 10):
+
+- Unseen set: LFW identities with 2-4 photos (``pipelines.evaluate.protocols``' cross split of
+  an identity folder, as ``benchmarks/paper_tables.py`` builds it): one query per identity
+  (seeded hash of the file name), the rest the database.
+- Training set: LFW identities with >= ``--min-train-photos`` (5) photos, none of them in the
+  unseen set; every photo of them. One OPQN (``--method``, default ``opqn``) is trained with
+  ``pipelines.evaluate.methods.train_method`` (the trainer's loop and recipe).
+- mAP over the full ranking of the unseen database (``model.metrics``: ties by database index):
+  ``map_pq`` the codes (LUT scores ``sum_m P_q[m, b_im]``), ``map_float`` the cosine of the
+  model's l2-normalised float features (``pipelines.evaluate.evaluation.evaluate_model``: the
+  same two numbers ``opqn evaluate --protocol cross`` reports), and ``map_rerank_R`` for each
+  ``--rerank`` R: the PQ top-R (``pipelines.query.kernels.topk``, the query stage's scan: score
+  desc, then database index) re-scored by ``pipelines.inference.exact_cosine`` against the
+  features as a gallery stores them (``pipelines.inference.stored_feature``: normalised,
+  float16), ordered by (cosine desc, index), followed by the rest of the database in PQ order.
+  This is computed in-process with numpy/torch using the query stage's own functions, not
+  through Ray and Parquet (``tests/test_rerank.py`` checks the stage equals this computation).
+- Bytes: extra bytes per face for the features (raw 2 x D, and a feature shard written as the
+  encode stage writes it, zstd Parquet), beside the code bytes per face.
+- Time per query (batch of all queries, in this process, ``--threads`` threads): the PQ scan
+  to the top-R alone and with the re-rank, for each R; the gallery is the unseen database
+  (small), so these are per-query costs at this size, not a scan-rate benchmark
+  (``benchmarks/query_scan.py`` is).
+
+The last line is one JSON object: ``{"bits", "map_pq", "map_float", "map_rerank" (at the largest
+R, 1000 by default), "ratio" (map_pq / map_float), "rerank_ratio" (map_rerank / map_float),
+...}``.
+
+    nice -n 10 .venv/bin/python benchmarks/unseen_quality.py --bits 32 --epochs 30 --width 0.5
+    nice -n 10 .venv/bin/python benchmarks/unseen_quality.py --smoke     # a minute or two, checks it runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from model.metrics import retrieval_metrics  # noqa: E402
+from model.scoring import lut_scores  # noqa: E402
+from pipelines.checkpoint import checkpoint_exists, load_checkpoint  # noqa: E402
+from pipelines.evaluate.evaluation import evaluate_model  # noqa: E402
+from pipelines.evaluate.methods import METHODS, get_method, model_from_state, train_method  # noqa: E402
+from pipelines.evaluate.protocols import check_split, per_identity_split  # noqa: E402
+from pipelines.gallery import FEATURE_ROW_GROUP, code_schema, feature_table  # noqa: E402
+from pipelines.image_folder import FaceSet, list_identity_folder, load_face_set  # noqa: E402
+from pipelines.inference import exact_cosine, stored_feature  # noqa: E402
+from pipelines.query.kernels import topk  # noqa: E402
+from pipelines.query.rerank import PAIR_CHUNK  # noqa: E402
+from pipelines.retrieval import embed  # noqa: E402
+from pipelines.settings import data_root  # noqa: E402
+from pipelines.train_local import TrainConfig  # noqa: E402
+from storage.tables import write_table  # noqa: E402
+
+SMOKE = {"train_ids": 24, "train_photos": 8, "unseen_ids": 150, "epochs": 1, "width": 0.125, "batch_size": 64}
+
+
+def by_identity(items: list[tuple[str, str]], max_ids: int = 0, max_photos: int = 0) -> list[tuple[str, str]]:
+    """The first ``max_ids`` identities (sorted) and at most ``max_photos`` photos each (0: all)."""
+    out, seen, count = [], [], {}
+    for ident, path in items:
+        if ident not in count:
+            if max_ids and len(seen) >= max_ids:
+                continue
+            seen.append(ident)
+            count[ident] = 0
+        if max_photos and count[ident] >= max_photos:
+            continue
+        count[ident] += 1
+        out.append((ident, path))
+    return out
+
+
+def unseen_split(lfw: str, stored: int, crop: float, max_ids: int, seed: int) -> tuple[FaceSet, FaceSet]:
+    """LFW identities with 2-4 photos, one query each, the rest database (load_split's cross split)."""
+    items = by_identity(list_identity_folder(lfw, min_photos=2, max_photos=4), max_ids)
+    faces = load_face_set(items, stored, crop, threads=2)
+    is_q = per_identity_split(faces.labels, faces.paths, 1, 0.0, seed)
+    queries, database = faces.subset(np.flatnonzero(is_q)), faces.subset(np.flatnonzero(~is_q))
+    check_split(queries, database)
+    return queries, database
+
+
+def rerank_ranking(pq_scores: np.ndarray, rows: np.ndarray, exact: np.ndarray, M: int) -> np.ndarray:
+    """A score matrix whose ranking (desc, ties by index) is: the PQ top-R rows by exact cosine
+    first, then every other row in PQ order. PQ scores lie in [0, M]; candidates get M + 2 + cos."""
+    out = pq_scores.astype(np.float64)
+    q = np.arange(len(rows))[:, None]
+    out[q, rows] = M + 2.0 + exact.astype(np.float64)
+    return out
+
+
+def timed(fn, repeats: int = 3):
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="", help="LFW identity folder (default: <OPQN_DATA or ../shared/data>/lfw)")
+    variants = sorted(m for m in METHODS if METHODS[m].family == "opqn")
+    ap.add_argument("--method", default="opqn", help=f"an OPQN variant: {variants}")
+    ap.add_argument("--bits", type=int, default=32)
+    ap.add_argument("--codewords", "-K", type=int, default=256, help="K codewords per codebook (M = bits / log2 K)")
+    ap.add_argument("--dim", type=int, default=0, help="D (0: M * K)")
+    ap.add_argument("--width", type=float, default=0.25)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--min-train-photos", type=int, default=5)
+    ap.add_argument("--rerank", default="100,1000", help="comma-separated R (PQ candidates re-scored exactly)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model-url", default="", help="save the model here; reused when it holds this exact run")
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"tiny run to check the script: {SMOKE['train_ids']} training and {SMOKE['unseen_ids']} "
+                         f"unseen identities, {SMOKE['epochs']} epoch, width {SMOKE['width']}")
+    args = ap.parse_args(argv)
+    t_start = time.monotonic()
+    torch.set_num_threads(args.threads)
+    method = get_method(args.method)
+    if method.family != "opqn":
+        raise SystemExit(f"--method {args.method}: re-ranking needs an OPQN variant (codes + float features)")
+    Rs = sorted({int(r) for r in args.rerank.split(",") if r})
+    if not Rs or Rs[0] < 1:
+        raise SystemExit("--rerank needs at least one R >= 1")
+    if args.smoke:
+        args.epochs, args.width, args.batch_size = SMOKE["epochs"], SMOKE["width"], SMOKE["batch_size"]
+    lfw = args.data or str(data_root() / "lfw")
+
+    cfg = TrainConfig(data=lfw, model_url=args.model_url, bits=args.bits, codewords=args.codewords, dim=args.dim,
+                      width=args.width, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
+                      threads=args.threads, seed=args.seed, min_photos=args.min_train_photos, resume=False)
+    stored = cfg.stored_size()
+    queries, database = unseen_split(lfw, stored, cfg.crop_fraction, SMOKE["unseen_ids"] if args.smoke else 0,
+                                     args.seed)
+    unseen_ids = set(queries.labels.tolist()) | set(database.labels.tolist())
+    train_items = [(i, p) for i, p in list_identity_folder(lfw, min_photos=args.min_train_photos)
+                   if i not in unseen_ids]
+    if args.smoke:
+        train_items = by_identity(train_items, SMOKE["train_ids"], SMOKE["train_photos"])
+    train_set = load_face_set(train_items, stored, cfg.crop_fraction, threads=2)
+    train_ids = set(train_set.labels.tolist())
+    assert not train_ids & unseen_ids, "training and unseen identities overlap"
+    print(f"train: LFW identities with >= {args.min_train_photos} photos: {len(train_set)} faces of {len(train_ids)} "
+          f"identities; unseen: LFW identities with 2-4 photos: {len(queries)} queries x {len(database)} database "
+          f"({len(unseen_ids)} identities, none seen in training)", file=sys.stderr, flush=True)
+
+    state = load_checkpoint(cfg.model_url) if cfg.model_url and checkpoint_exists(cfg.model_url) else None
+    if state is not None and state.get("train") == asdict(cfg) and state.get("method") == method.name \
+            and state.get("epoch") == args.epochs:
+        model, _ = model_from_state(state)
+        train_seconds = state.get("train_seconds")
+        print(f"reusing {cfg.model_url}", file=sys.stderr)
+    else:
+        model, tinfo = train_method(method.name, cfg, train_set)
+        train_seconds = round(tinfo["train_seconds"], 1)
+    model.eval()
+    M, K, D = model.cfg.M, model.cfg.K, model.cfg.D
+
+    # PQ and float mAP exactly as `opqn evaluate` computes them
+    ev = evaluate_model(model, queries, database)
+    map_pq, map_float = ev["quantized"]["map"], ev["float"]["map"]
+
+    # re-rank, with the query stage's functions: scan kernel, stored float16 feature, exact cosine
+    with torch.no_grad():
+        xq, xd = embed(model, queries.images), embed(model, database.images)
+        tables = model.tables_from_features(xq).numpy().astype(np.float32)
+        codes = model.codes_from_features(xd).numpy()
+    feats = stored_feature(xd)
+    xq = xq.numpy()
+    nq, N = len(queries), len(database)
+    pq_scores = lut_scores(torch.from_numpy(tables), torch.from_numpy(codes.astype(np.int64))).numpy()
+    results = {}
+    for R in Rs:
+        scan_s, (_, rows) = timed(lambda: topk(tables, codes, R, kernel="auto"))
+
+        def rescore():  # in chunks of pairs, as the query stage does: nq x R x D float64 would not fit
+            q_idx, r_idx = np.repeat(np.arange(nq), rows.shape[1]), rows.ravel()
+            out = np.empty(len(q_idx), np.float32)
+            for c0 in range(0, len(q_idx), PAIR_CHUNK):
+                sl = slice(c0, c0 + PAIR_CHUNK)
+                out[sl] = exact_cosine(xq[q_idx[sl]], feats[r_idx[sl]])
+            return out.reshape(rows.shape)
+
+        rerank_s, exact = timed(rescore)
+        m = retrieval_metrics(rerank_ranking(pq_scores, rows, exact, M), queries.labels, database.labels)
+        results[R] = {"map": m["map"], "candidates": int(rows.shape[1]),
+                      "ms_per_query_scan": 1e3 * scan_s / nq, "ms_per_query_scan_rerank": 1e3 * (scan_s + rerank_s) / nq}
+        print(f"re-rank R={R} ({rows.shape[1]} of {N} candidates): mAP {m['map']:.4f}; per query "
+              f"{results[R]['ms_per_query_scan']:.3f} ms PQ scan to top-{R}, "
+              f"{results[R]['ms_per_query_scan_rerank']:.3f} ms with the re-rank", file=sys.stderr, flush=True)
+
+    # bytes per face: features as the encode stage writes them, beside the codes
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = [f"f{i}" for i in range(N)]
+        fsize = write_table(os.path.join(tmp, "features.parquet"), feature_table(ids, feats, D),
+                            row_group_size=FEATURE_ROW_GROUP).size
+        schema = code_schema(M, K)
+        ctable = pa.table({"face_id": ids, "identity": database.labels.tolist(),
+                           "codes": pa.FixedSizeListArray.from_arrays(
+                               pa.array(codes.reshape(-1), schema.field("codes").type.value_type), M)}, schema=schema)
+        csize = write_table(os.path.join(tmp, "codes.parquet"), ctable).size
+
+    R_top = Rs[-1]
+    map_rerank = results[R_top]["map"]
+    print(f"{method.label} {args.bits} bit (M={M}, K={K}, D={D}), {args.image_size}px width {args.width}, "
+          f"{args.epochs} epochs: unseen mAP PQ {map_pq:.4f}, float {map_float:.4f}, "
+          + ", ".join(f"re-rank@{R} {results[R]['map']:.4f}" for R in Rs)
+          + f"; features +{2 * D} B/face raw ({fsize / N:.0f} B/face in Parquet) vs codes {M * (1 if K <= 256 else 2)} "
+          f"B/face raw ({csize / N:.1f} in Parquet); {time.monotonic() - t_start:.0f} s", flush=True)
+    if R_top >= N:
+        print(f"(R={R_top} >= the {N} database faces: the re-rank is exact float search over float16 features, "
+              f"so map_rerank should be within ~1e-3 of map_float: {map_rerank - map_float:+.4f})", flush=True)
+    out = {"bits": args.bits, "map_pq": round(map_pq, 4), "map_float": round(map_float, 4),
+           "map_rerank": round(map_rerank, 4), "ratio": round(map_pq / map_float, 4),
+           "rerank_ratio": round(map_rerank / map_float, 4), "rerank_R": R_top,
+           **{f"map_rerank_{R}": round(results[R]["map"], 4) for R in Rs},
+           "feature_bytes_per_face_raw": 2 * D, "feature_bytes_per_face_parquet": round(fsize / N, 1),
+           "code_bytes_per_face_parquet": round(csize / N, 1),
+           "ms_per_query": {str(R): {"pq_scan": round(results[R]["ms_per_query_scan"], 4),
+                                     "pq_scan_and_rerank": round(results[R]["ms_per_query_scan_rerank"], 4)}
+                            for R in Rs},
+           "M": M, "K": K, "D": D, "method": method.name, "width": args.width, "image_size": args.image_size,
+           "epochs": args.epochs, "train_identities": len(train_ids), "train_faces": len(train_set),
+           "queries": nq, "database": N, "train_seconds": train_seconds, "smoke": args.smoke}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
