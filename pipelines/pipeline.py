@@ -143,7 +143,8 @@ def run_stage(name: str, fn, cfg: PipelineConfig, where: dict, out) -> dict:
     result = fn(cfg, where, out)
     result["seconds"] = round(time.monotonic() - t0, 1)
     print(f"[pipeline] stage {name} done in {format_seconds(result['seconds'])}: "
-          + ", ".join(f"{k}={v}" for k, v in result.items() if k != "seconds"), file=out, flush=True)
+          + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in result.items() if k != "seconds"), file=out, flush=True)
     return result
 
 
