@@ -160,10 +160,19 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
     fs, _ = arrow_filesystem(todo[0][0])
     key_of = {arrow_filesystem(url)[1]: key for url, key, _ in todo}
     # One read task per source shard: a task that reads several files holds them all, and its
-    # memory would then grow with the dataset instead of with the shard size.
-    ds = ray.data.read_parquet(list(key_of), filesystem=fs, include_paths=True,
-                               override_num_blocks=len(key_of)).select_columns(
-        ["face_id", "identity", "split", "image", "path"])
+    # memory would then grow with the dataset instead of with the shard size. Ray Data's
+    # DataSourceV2 Parquet reader (the default in 2.60) reads every file in one long task whose
+    # memory grew with the gallery (2.1 GB at 1M faces, docs/results.md); the V1 reader
+    # honours one task per file. The flag is read when the read is planned, so it is set
+    # only around this call.
+    ctx = ray.data.DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(list(key_of), filesystem=fs, include_paths=True,
+                                   override_num_blocks=len(key_of))
+    finally:
+        ctx.use_datasource_v2 = v2
+    ds = ds.select_columns(["face_id", "identity", "split", "image", "path"])
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"model_url": model_url, "splits": tuple(cfg.splits),
                                                         "threads": cfg.threads_per_actor, "use_gpu": cfg.use_gpu,
                                                         "store_features": cfg.store_features},
