@@ -36,6 +36,8 @@ class PipelineConfig:
     workers: int = 2  # Ray Train workers
     use_gpu: bool = False
     top_k: int = 100
+    store_features: bool = False  # gallery keeps float16 features (2*D bytes a face) for re-ranking
+    rerank: int = 0  # re-score the PQ top-R by exact cosine (needs store_features); 1000 for unseen identities
     view_queries: int = 40
     view_top_k: int = 10
     seed: int = 0
@@ -101,7 +103,8 @@ def encode(cfg: PipelineConfig, where: dict, out) -> dict:
 
     gallery_url = model_gallery(where)
     r = encode_gallery(where["model"], where["dataset"], gallery_url,
-                       EncodeConfig(splits=("database",), use_gpu=cfg.use_gpu), out=out)
+                       EncodeConfig(splits=("database",), use_gpu=cfg.use_gpu, store_features=cfg.store_features),
+                       out=out)
     gallery = require_gallery(gallery_url)
     return {"gallery": gallery_url, "encoded_now": r["faces"], "gallery_codes": gallery.rows,
             "code_shards": len(gallery.shards), "bytes_per_code": gallery.M * (1 if gallery.K <= 256 else 2)}
@@ -111,7 +114,7 @@ def query(cfg: PipelineConfig, where: dict, out) -> dict:
     from pipelines.query.run import QueryConfig, query_batch
 
     r = query_batch(where["model"], model_gallery(where), where["dataset"], where["results"],
-                    QueryConfig(top_k=cfg.top_k, split="query"), out=out)
+                    QueryConfig(top_k=cfg.top_k, split="query", rerank=cfg.rerank), out=out)
     return {"queries": r["queries"], "result_rows": r["result_rows"], "codes_per_s": round(r["codes_per_s"])}
 
 

@@ -16,7 +16,7 @@ from test_pipeline import photo_tree
 REPO = Path(__file__).resolve().parent.parent
 OPTIONS = ["--min-photos", "10", "--crop-size", "40", "--bits", "16", "--codewords", "16", "--width", "0.125",
            "--epochs", "1", "--batch-size", "32", "--workers", "2", "--top-k", "10", "--view-queries", "4",
-           "--view-top-k", "3"]
+           "--view-top-k", "3", "--store-features", "--rerank", "20"]
 
 
 def started_by(endpoint: str, home: Path) -> list[str]:
@@ -49,6 +49,7 @@ def test_stack_runs_the_pipeline_deployment_on_s3_ray_and_prefect_then_stops(tmp
                  "viewer/index.html"):
         assert outputs.get(name, 0) > 0, f"{name} missing from {sorted(outputs)}"
     assert [n for n in outputs if n.startswith("gallery/") and n.endswith("/manifest.json")], sorted(outputs)
+    assert [n for n in outputs if n.startswith("gallery/") and "/features/" in n], sorted(outputs)  # for --rerank
     assert "[pipeline] done in" in out.stdout and "stopped Ray cluster" in out.stdout
     assert not started_by(summary["s3_endpoint"], home), "processes left running"
 
