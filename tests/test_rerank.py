@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from face_datasets import write_face_dataset
+from test_query import assert_same
 from model.opqn import OPQN, VARIANTS, OPQNConfig
 from model.scoring import lut_scores
 from pipelines.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_state
@@ -25,7 +26,7 @@ from pipelines.encode.maintenance import compact, delete_faces, info
 from pipelines.encode.run import EncodeConfig, encode_gallery
 from pipelines.gallery import FEATURE_ROW_GROUP, deleted_ids, feature_path, read_features, require_gallery
 from pipelines.inference import stored_size
-from pipelines.query.run import RESULT_SCHEMA, QueryConfig, load_queries, query_batch, query_inputs
+from pipelines.query.run import QueryConfig, load_queries, query_batch, query_inputs
 from pipelines.query.topk import read_codes
 from pipelines.recipe import config_from_args, make_optimizer
 from pipelines.retrieval import embed
@@ -115,15 +116,6 @@ def brute_force(model_url, queries, gallery_url, k, R, deleted=()):
         rows += [{"query_id": qid, "rank": r, "face_id": face_ids[cand[i]], "score": float(cos[i])}
                  for r, i in enumerate(order)]
     return rows
-
-
-def assert_same(results_url, expected):
-    got = read_table(str(results_url))
-    assert got.schema.equals(RESULT_SCHEMA)
-    got = got.to_pylist()
-    assert [(r["query_id"], r["rank"], r["face_id"]) for r in got] == \
-           [(r["query_id"], r["rank"], r["face_id"]) for r in expected]
-    np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in expected], atol=1e-6, rtol=0)
 
 
 def test_features_are_the_evaluation_float_feature_and_codes_are_unchanged(

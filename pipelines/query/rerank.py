@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.inference import exact_cosine
-from pipelines.query.topk import TOPK_SCHEMA, ShardTask, empty_topk
+from pipelines.query.topk import TOPK_SCHEMA, ShardTask, best_per_query, empty_topk
 from storage import urls
 from storage.errors import StorageNotFoundError, errors_naming
 
@@ -112,13 +112,6 @@ def rerank_topk(candidates: pa.Table, k: int) -> pa.Table:
     """Top-k per query of re-scored candidates by (exact desc, shard, row); ``score`` := exact."""
     if not candidates.num_rows:
         return empty_topk()
-    q = candidates.column("query").to_numpy()
-    exact = candidates.column("exact").to_numpy()
-    shard = candidates.column("shard").to_numpy()
-    row = candidates.column("row").to_numpy()
-    order = np.lexsort((row, shard, -exact, q))
-    qs = q[order]
-    keep = order[(np.arange(len(qs)) - np.searchsorted(qs, qs, side="left")) < k]
-    top = candidates.take(pa.array(keep))
+    top = best_per_query(candidates, k, score="exact")
     return pa.table({"query": top.column("query"), "score": top.column("exact"), "shard": top.column("shard"),
                      "row": top.column("row"), "face_id": top.column("face_id")}, schema=TOPK_SCHEMA)

@@ -73,20 +73,25 @@ def shard_topk(tables: np.ndarray, shard: ShardTask, k: int, deleted: pa.Array |
                      "face_id": face_ids.take(pa.array(row))}, schema=TOPK_SCHEMA)
 
 
-def merge_topk(parts: list[pa.Table], k: int) -> pa.Table:
-    """The best ``k`` per query of several top-k tables, ordered by (query, score desc, shard, row)."""
-    parts = [p for p in parts if p.num_rows]
-    if not parts:
-        return empty_topk()
-    table = pa.concat_tables(parts)
+def best_per_query(table: pa.Table, k: int, score: str = "score") -> pa.Table:
+    """The best ``k`` rows per query, ordered by (query, ``score`` desc, shard, row): the one tie
+    rule of every top-k here, so code scores and re-ranked scores order the same way."""
     q = table.column("query").to_numpy()
-    s = table.column("score").to_numpy()
+    s = table.column(score).to_numpy()
     shard = table.column("shard").to_numpy()
     row = table.column("row").to_numpy()
     order = np.lexsort((row, shard, -s, q))
     qs = q[order]
     rank = np.arange(len(qs)) - np.searchsorted(qs, qs, side="left")
     return table.take(pa.array(order[rank < k]))
+
+
+def merge_topk(parts: list[pa.Table], k: int) -> pa.Table:
+    """The best ``k`` per query of several top-k tables, ordered by (query, score desc, shard, row)."""
+    parts = [p for p in parts if p.num_rows]
+    if not parts:
+        return empty_topk()
+    return best_per_query(pa.concat_tables(parts), k)
 
 
 def scan_shards(tables: np.ndarray, shards: list[ShardTask], k: int, deleted: pa.Array | None = None,
