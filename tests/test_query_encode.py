@@ -36,9 +36,10 @@ def test_query_a_gallery_written_by_encode(lfw_dir, tmp_path, capsys):
                             epochs=1, batch_size=16, max_steps=3), evaluate=False)
     gallery_url = str(tmp_path / "gallery")
     # out= explicitly: encode_gallery's default stream is bound when the module is first imported
-    encode_gallery(model_url, str(data), gallery_url, EncodeConfig(splits=("database",), batch_size=8, shard_rows=7),
-                   out=sys.stderr)
+    summary = encode_gallery(model_url, str(data), gallery_url,
+                             EncodeConfig(splits=("database",), batch_size=8, shard_rows=7), out=sys.stderr)
     gallery = require_gallery(gallery_url)
+    assert summary["code_shards_written"] == len(gallery.shards) > summary["sources_encoded"]  # sources cut at 7 rows
     face_ids, codes = zip(*[read_codes(u, gallery.M) for u in gallery.shard_urls()])
     face_ids = [f for part in face_ids for f in part.to_pylist()]
     codes = np.concatenate(codes)

@@ -197,7 +197,7 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
             os.kill(os.getpid(), signal.SIGKILL)
         summary["faces"] += faces
         summary["rejected"] += rejected
-        summary["code_shards_written"] += 1 if faces else 0
+        summary["code_shards_written"] += -(-faces // cfg.shard_rows)  # _commit_source cuts every shard_rows
 
     for key in [k for k, n in expected.items() if n == 0]:
         finish(key)  # a shard with no face in the selected splits is still marked done
