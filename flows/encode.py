@@ -5,9 +5,9 @@ only the face shards added since the last one, and a night with nothing new writ
 """
 from __future__ import annotations
 
-from dataclasses import fields
-
 from prefect import flow
+
+from flows.options import config_with_options
 
 from pipelines.encode.run import EncodeConfig
 
@@ -19,13 +19,10 @@ def encode_gallery_flow(model_url: str, dataset: str, gallery: str, options: dic
     ``options`` takes any `opqn encode` setting by name (splits, batch_size, shard_rows,
     actors, use_gpu, ...); unknown names are rejected before anything starts.
     """
-    known = {f.name for f in fields(EncodeConfig)}
-    unknown = sorted(set(options or {}) - known)
-    if unknown:
-        raise ValueError(f"unknown encode options {unknown}; valid: {sorted(known)}")
     opts = dict(options or {})
     if "splits" in opts:
         opts["splits"] = tuple(opts["splits"])
+    cfg = config_with_options(EncodeConfig, "encode", {}, opts)
     from pipelines.encode.run import encode_gallery
 
-    return encode_gallery(model_url, dataset, gallery, EncodeConfig(**opts))
+    return encode_gallery(model_url, dataset, gallery, cfg)

@@ -6,19 +6,10 @@ each stage skips or resumes what an earlier run finished.
 """
 from __future__ import annotations
 
-from dataclasses import fields
-
 from prefect import flow, task
 
+from flows.options import config_with_options
 from pipelines.pipeline import STAGES, PipelineConfig, run_stage, stage_urls, summary_line
-
-
-def _config(data: str, workdir: str, options: dict) -> PipelineConfig:
-    known = {f.name for f in fields(PipelineConfig)} - {"data", "workdir"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown pipeline options {unknown}; valid: {sorted(known)}")
-    return PipelineConfig(data=data, workdir=workdir, **options)
 
 
 @flow(name="opqn-pipeline", log_prints=True)
@@ -33,7 +24,7 @@ def opqn_pipeline_flow(data: str = "", workdir: str = "runs/pipeline", options: 
 
     from pipelines.train.run import init_ray
 
-    cfg = _config(data, workdir, options or {})
+    cfg = config_with_options(PipelineConfig, "pipeline", {"data": data, "workdir": workdir}, options)
     where = stage_urls(cfg)
     t0 = time.monotonic()
     init_ray()

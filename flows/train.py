@@ -12,15 +12,14 @@ from dataclasses import fields
 
 from prefect import flow, get_run_logger
 
+from flows.options import config_with_options
+
 from pipelines.train.config import RayTrainConfig
 
 
 def _config(dataset: str, model_url: str, options: dict) -> RayTrainConfig:
-    known = {f.name for f in fields(RayTrainConfig)} - {"dataset", "model_url", "run_id"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown training options {unknown}; valid: {sorted(known)}")
-    return RayTrainConfig(dataset=dataset, model_url=model_url, **options)
+    return config_with_options(RayTrainConfig, "training", {"dataset": dataset, "model_url": model_url}, options,
+                               hidden=("run_id",))
 
 
 def _cli_args(cfg: RayTrainConfig) -> list[str]:

@@ -13,9 +13,10 @@ import io
 import torch
 
 from model.opqn import OPQN, OPQNConfig
-from storage import checkpoints
+from storage import checkpoints, files
 
 FORMAT = "opqn-checkpoint/1"
+MODEL_ID_CHARS = 16  # model_id: the first hex digits of the checkpoint file's sha256
 
 
 def save_checkpoint(url: str, state: dict, storage_options: dict | None = None) -> None:
@@ -32,8 +33,14 @@ def load_checkpoint(url: str, storage_options: dict | None = None) -> dict:
         raise ValueError(f"{url} is not a readable OPQN checkpoint: {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{url} is not an OPQN checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r}, expected {FORMAT!r})")
-    state["model_id"] = hashlib.sha256(data).hexdigest()[:16]
+    state["model_id"] = hashlib.sha256(data).hexdigest()[:MODEL_ID_CHARS]
     return state
+
+
+def checkpoint_model_id(url: str, storage_options: dict | None = None) -> str:
+    """The ``model_id`` ``load_checkpoint`` gives, hashed while streaming the file: for callers
+    that only need the identity, without deserialising the weights."""
+    return files.stat(url, storage_options)[1][:MODEL_ID_CHARS]
 
 
 def model_from_checkpoint(state: dict) -> OPQN:

@@ -64,17 +64,21 @@ def feature_table(face_ids: list[str], features, D: int) -> pa.Table:
                      "feature": pa.FixedSizeListArray.from_arrays(flat, D)}, schema=feature_schema(D))
 
 
-def read_features(url: str, D: int, storage_options: dict | None = None) -> tuple[pa.Array, np.ndarray]:
-    """(face_id array, features (N, D) float16) of one feature shard."""
-    table = read_table(url, columns=["face_id", "feature"], storage_options=storage_options)
+def feature_matrix(table: pa.Table, D: int, url: str) -> np.ndarray:
+    """The ``feature`` column of (part of) a feature shard as an (N, D) float16 array, checked."""
     col = table.column("feature").combine_chunks()
     if not pa.types.is_fixed_size_list(col.type) or col.type.list_size != D or col.type.value_type != pa.float16():
         raise ValueError(f"feature shard {url}: column feature is {col.type}, expected a fixed-size list of "
                          f"{D} float16")
     if col.null_count:
         raise ValueError(f"feature shard {url}: {col.null_count} rows have no feature")
-    values = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), D)
-    return table.column("face_id").combine_chunks(), values
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), D)
+
+
+def read_features(url: str, D: int, storage_options: dict | None = None) -> tuple[pa.Array, np.ndarray]:
+    """(face_id array, features (N, D) float16) of one feature shard."""
+    table = read_table(url, columns=["face_id", "feature"], storage_options=storage_options)
+    return table.column("face_id").combine_chunks(), feature_matrix(table, D, url)
 
 
 def write_feature_shard(gallery_url: str, code_entry: FileEntry, table: pa.Table,
@@ -118,13 +122,6 @@ class Gallery:
     def feature_urls(self) -> list[str]:
         """URLs of the feature shards, one per code shard in the same order (empty without features)."""
         return [urls.join(self.url, f.path) for f in self.features]
-
-    def feature_entry(self, code_entry: FileEntry) -> FileEntry:
-        path = feature_path(code_entry.path)
-        for f in self.features:
-            if f.path == path:
-                return f
-        raise ValueError(f"gallery {self.url} has no feature shard for {code_entry.path}")
 
     def check_features(self, store_features: bool) -> None:
         """Refuse to mix codes-only and with-features encodings in one gallery."""

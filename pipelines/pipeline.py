@@ -92,9 +92,9 @@ def model_gallery(where: dict) -> str:
     epochs, another code length) encodes into a new gallery beside the old one instead of
     being refused or overwriting it.
     """
-    from pipelines.checkpoint import load_checkpoint
+    from pipelines.checkpoint import checkpoint_model_id
 
-    return urls.join(where["gallery"], load_checkpoint(where["model"])["model_id"][:16])
+    return urls.join(where["gallery"], checkpoint_model_id(where["model"]))
 
 
 def encode(cfg: PipelineConfig, where: dict, out) -> dict:

@@ -123,20 +123,16 @@ def read_faces(dataset: str, needed: set, storage_options: dict | None = None) -
     their image bytes); stops as soon as every needed face is found."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from pipelines.faces import face_shard_files
-    from storage import urls
-    from storage.errors import errors_naming
+    from storage.tables import open_parquet
 
     found: dict = {}
     wanted = pa.array(sorted(needed), pa.string())
     for url in face_shard_files(dataset, storage_options):
         if len(found) == len(needed):
             break
-        fs, path = urls.resolve(url, storage_options)
-        with errors_naming(url, "read"), fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+        with open_parquet(url, storage_options) as pf:
             ids = pf.read(columns=["face_id"]).column("face_id")
             start = 0
             for g in range(pf.num_row_groups):

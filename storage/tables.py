@@ -61,25 +61,25 @@ def iter_batches(url: str, columns: list[str] | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE,
                  storage_options: dict | None = None) -> Iterator[pa.RecordBatch]:
     """Yield the rows of the Parquet file at ``url`` as record batches of ``batch_size``."""
-    with _parquet_file(url, storage_options) as pf:
+    with open_parquet(url, storage_options) as pf:
         yield from pf.iter_batches(batch_size=batch_size, columns=columns)
 
 
 def read_table(url: str, columns: list[str] | None = None,
                storage_options: dict | None = None) -> pa.Table:
     """The whole Parquet file at ``url`` as a table (for small files; else iterate)."""
-    with _parquet_file(url, storage_options) as pf:
+    with open_parquet(url, storage_options) as pf:
         return pf.read(columns=columns)
 
 
 def read_schema(url: str, storage_options: dict | None = None) -> pa.Schema:
     """The Arrow schema of the Parquet file at ``url`` (reads the footer only)."""
-    with _parquet_file(url, storage_options) as pf:
+    with open_parquet(url, storage_options) as pf:
         return pf.schema_arrow
 
 
 @contextlib.contextmanager
-def _parquet_file(url: str, storage_options: dict | None):
+def open_parquet(url: str, storage_options: dict | None = None):
     """Open ``url`` as a ParquetFile; errors name the URL (a missing file: StorageNotFoundError)."""
     fs, path = urls.resolve(url, storage_options)
     with errors_naming(url, "read"):

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipelines.gallery import feature_matrix
 from pipelines.inference import exact_cosine
 from pipelines.query.topk import TOPK_SCHEMA, ShardTask, best_per_query, empty_topk
-from storage import urls
-from storage.errors import StorageNotFoundError, errors_naming
+from storage.tables import open_parquet
 
 RERANK_SCHEMA = TOPK_SCHEMA.append(pa.field("exact", pa.float32()))
 PAIR_CHUNK = 2048  # (query, candidate) pairs scored at once: PAIR_CHUNK x D float64 per side (16 MiB at D=1024)
@@ -75,36 +74,25 @@ def _shard_exact(shard: ShardTask, queries: np.ndarray, rows: np.ndarray, face_i
     """Exact scores of the (query, row) candidates of one shard, reading only their row groups."""
     out = np.empty(len(rows), np.float32)
     D = query_features.shape[1]
-    fs, path = urls.resolve(shard.features_url, storage_options)
-    with errors_naming(shard.features_url, "read"):
-        try:
-            f = fs.open(path, "rb")
-        except FileNotFoundError as exc:
-            raise StorageNotFoundError(f"not found: {shard.features_url}", shard.features_url) from exc
-        with f:
-            pf = pq.ParquetFile(f)
-            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
-            starts = np.concatenate([[0], np.cumsum(sizes)])
-            if starts[-1] != shard.rows:
-                raise ValueError(f"feature shard {shard.features_url} has {starts[-1]} rows, its code shard "
-                                 f"{shard.url} {shard.rows}")
-            group_of = np.searchsorted(starts, rows, side="right") - 1
-            for g in np.unique(group_of):
-                table = pf.read_row_group(int(g), columns=["face_id", "feature"])
-                col = table.column("feature").combine_chunks()
-                if col.type.list_size != D or col.type.value_type != pa.float16():
-                    raise ValueError(f"feature shard {shard.features_url}: column feature is {col.type}, expected "
-                                     f"a fixed-size list of {D} float16")
-                feats = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), D)
-                at = np.flatnonzero(group_of == g)
-                local = rows[at] - starts[g]
-                got = table.column("face_id").combine_chunks().take(pa.array(local))
-                if not got.equals(face_ids.take(pa.array(at))):
-                    raise ValueError(f"feature shard {shard.features_url} does not hold the faces of {shard.url} "
-                                     f"row for row: the gallery is damaged")
-                for c0 in range(0, len(at), PAIR_CHUNK):
-                    sl = slice(c0, c0 + PAIR_CHUNK)
-                    out[at[sl]] = exact_cosine(query_features[queries[at[sl]]], feats[local[sl]])
+    with open_parquet(shard.features_url, storage_options) as pf:
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        if starts[-1] != shard.rows:
+            raise ValueError(f"feature shard {shard.features_url} has {starts[-1]} rows, its code shard "
+                             f"{shard.url} {shard.rows}")
+        group_of = np.searchsorted(starts, rows, side="right") - 1
+        for g in np.unique(group_of):
+            table = pf.read_row_group(int(g), columns=["face_id", "feature"])
+            feats = feature_matrix(table, D, shard.features_url)
+            at = np.flatnonzero(group_of == g)
+            local = rows[at] - starts[g]
+            got = table.column("face_id").combine_chunks().take(pa.array(local))
+            if not got.equals(face_ids.take(pa.array(at))):
+                raise ValueError(f"feature shard {shard.features_url} does not hold the faces of {shard.url} "
+                                 f"row for row: the gallery is damaged")
+            for c0 in range(0, len(at), PAIR_CHUNK):
+                sl = slice(c0, c0 + PAIR_CHUNK)
+                out[at[sl]] = exact_cosine(query_features[queries[at[sl]]], feats[local[sl]])
     return out
 
 
