@@ -12,7 +12,9 @@ same backbone (ResNet20 at ``--width``, ``--image-size`` px), data and epochs.
 
 Code lengths use K = 256 codewords and square codebooks (D = M * K): 16 = 2x256,
 24 = 3x256, 32 = 4x256, 48 = 6x256; DCDH uses the same D and ``bits`` hash bits.
-Checkpoints go to ``--work`` and are reused when the run is repeated with the same settings,
+``--seeds`` repeats each model with other training seeds (initialisation, batch order,
+augmentation; the query split stays the same); tables then show mean ± standard deviation over
+the seeds that have results, plots the first seed. Checkpoints go to ``--work`` and are reused when the run is repeated with the same settings,
 so an interrupted run resumes; results are written to ``--json`` after every model (one results
 file per setting; ``--merge`` folds the files of parallel runs of the same setting in), plots
 (PR and P@T, several methods per plot) to ``--img``. The last stdout lines are markdown tables.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict, replace
@@ -42,6 +45,11 @@ from pipelines.settings import data_root
 from pipelines.train_local import TrainConfig, prepare_sets
 
 ABLATIONS = ("opqn", "A", "C", "S", "W")
+
+
+def _seed_tag(seed: int, sep: str) -> str:
+    """Seed 0 keeps the names of runs made before seeds existed, so their checkpoints are reused."""
+    return f"{sep}{seed}" if seed else ""
 
 
 def _round(metrics: dict) -> dict:
@@ -63,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="16,24,32,48", help="Table I/III code lengths")
     ap.add_argument("--ablation-bits", default="16,32", help="Table IV code lengths")
     ap.add_argument("--ablations", default=",".join(ABLATIONS), help="Table IV methods")
+    ap.add_argument("--seeds", default="0", help="training seeds; each model is trained once per seed")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--image-size", type=int, default=32)
@@ -80,6 +89,7 @@ def main(argv=None) -> int:
     methods = [get_method(m).name for m in args.methods.split(",") if m]
     bits_list = [int(b) for b in args.bits.split(",") if b]
     abl_bits = [int(b) for b in args.ablation_bits.split(",") if b]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     ablations = [get_method(m).name for m in args.ablations.split(",") if m]
 
     base = TrainConfig(epochs=args.epochs, width=args.width, image_size=args.image_size, batch_size=args.batch_size,
@@ -98,11 +108,12 @@ def main(argv=None) -> int:
         for name, s in cross_sets.items():
             print(f"{name}: {len(s.queries)} queries x {len(s.database)} database, {s.description}", file=sys.stderr)
 
-    jobs = []  # (method, bits)
-    if tables & {"1", "3"}:
-        jobs += [(m, b) for b in bits_list for m in methods]
-    if "4" in tables:
-        jobs += [(m, b) for b in abl_bits for m in ablations if (m, b) not in jobs]
+    jobs = []  # (method, bits, seed)
+    for seed in seeds:
+        if tables & {"1", "3"}:
+            jobs += [(m, b, seed) for b in bits_list for m in methods]
+        if "4" in tables:
+            jobs += [(m, b, seed) for b in abl_bits for m in ablations if (m, b, seed) not in jobs]
 
     path = Path(args.json)
     store = json.loads(path.read_text()) if path.exists() else {}
@@ -129,8 +140,9 @@ def main(argv=None) -> int:
     if cmd not in store["commands"] and not args.render_only:
         store["commands"].append(cmd)
 
-    for method, bits in jobs:
-        cfg = replace(base, bits=bits, model_url=os.path.join(args.work, f"{method}-{bits}bit-e{args.epochs}-w{args.width}.pt"))
+    for method, bits, seed in jobs:
+        cfg = replace(base, bits=bits, seed=seed,
+                      model_url=os.path.join(args.work, f"{method}-{bits}bit-e{args.epochs}-w{args.width}{_seed_tag(seed, '-s')}.pt"))
         t0 = time.monotonic()
         state = load_checkpoint(cfg.model_url) if checkpoint_exists(cfg.model_url) else None
         if state is not None and state.get("train") == asdict(cfg) and state.get("epoch") == args.epochs:
@@ -142,12 +154,12 @@ def main(argv=None) -> int:
         run = {"single": _row(evaluate_model(model, query_set, train_set, DEFAULT_TS), info)}
         for name, s in cross_sets.items():
             run[name] = _row(evaluate_model(model, s.queries, s.database, DEFAULT_TS), {})
-        key = f"{method}:{bits}"
+        key = f"{method}:{bits}{_seed_tag(seed, ':s')}"
         store["runs"][key] = {**store["runs"].get(key, {}), "setting": setting, **run}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(store, indent=1))
         r = run["single"]
-        print(f"{r['label']} {bits} bit: single mAP {r['quantized']['map']:.4f} P@5 {r['quantized']['precision_at'][5]:.4f} "
+        print(f"{r['label']} {bits} bit seed {seed}: single mAP {r['quantized']['map']:.4f} P@5 {r['quantized']['precision_at'][5]:.4f} "
               f"float mAP {r['float']['map']:.4f}"
               + "".join(f"; {n}: mAP {run[n]['quantized']['map']:.4f} P@5 {run[n]['quantized']['precision_at'][5]:.4f}"
                         for n in cross_sets)
@@ -160,6 +172,17 @@ def main(argv=None) -> int:
 
     def get(m, b, where="single"):
         return runs.get(f"{m}:{b}", {}).get(where)
+
+    def cell(m, b, value, where="single", digits=4):
+        """One table cell: the value of the seed-0 run, or mean ± std over every seed run."""
+        rows = [run[where] for key, run in runs.items()
+                if (key == f"{m}:{b}" or key.startswith(f"{m}:{b}:s")) and where in run]
+        if not rows:
+            return ""
+        vals = [value(r) for r in rows]
+        if len(vals) == 1:
+            return f"{vals[0]:.{digits}f}"
+        return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
 
     if args.merge:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,8 +200,8 @@ def main(argv=None) -> int:
                 "| method | " + " | ".join(f"{b} bit" for b in bits_list) + " | float mAP (" + ", ".join(map(str, bits_list)) + ") |",
                 "|---|" + "---|" * (len(bits_list) + 1)]
         for m in methods:
-            cells = [f"{get(m, b)['quantized']['map']:.4f}" if get(m, b) else "" for b in bits_list]
-            fl = ", ".join(f"{get(m, b)['float']['map']:.3f}" if get(m, b) else "-" for b in bits_list)
+            cells = [cell(m, b, lambda r: r["quantized"]["map"]) for b in bits_list]
+            fl = ", ".join(cell(m, b, lambda r: r["float"]["map"], digits=3) or "-" for b in bits_list)
             out.append(f"| {METHODS[m].label} | " + " | ".join(cells) + f" | {fl} |")
         for b in bits_list:
             rows = [get(m, b) for m in methods if get(m, b)]
@@ -193,9 +216,9 @@ def main(argv=None) -> int:
                     "| method | " + " | ".join(f"{b} bit P@5 / mAP" for b in bits_list) + " | float P@5 / mAP (" + ", ".join(map(str, bits_list)) + ") |",
                     "|---|" + "---|" * (len(bits_list) + 1)]
             for m in methods:
-                cells = [f"{p5(get(m, b, name)['quantized']):.4f} / {get(m, b, name)['quantized']['map']:.4f}"
+                cells = [cell(m, b, lambda r: p5(r["quantized"]), name) + " / " + cell(m, b, lambda r: r["quantized"]["map"], name)
                          if get(m, b, name) else "" for b in bits_list]
-                fl = ", ".join(f"{p5(get(m, b, name)['float']):.3f} / {get(m, b, name)['float']['map']:.3f}"
+                fl = ", ".join(cell(m, b, lambda r: p5(r["float"]), name, 3) + " / " + cell(m, b, lambda r: r["float"]["map"], name, 3)
                                if get(m, b, name) else "-" for b in bits_list)
                 out.append(f"| {METHODS[m].label} | " + " | ".join(cells) + f" | {fl} |")
             tag = "lfw_unseen" if name.startswith("LFW") else "att"
@@ -207,7 +230,11 @@ def main(argv=None) -> int:
         out += ["", "Table IV analogue: ablations, single-domain mAP on LFW >= 10 photos", "",
                 "| variant | " + " | ".join(f"{b} bit" for b in abl_bits) + " |", "|---|" + "---|" * len(abl_bits)]
         for m in ablations:
-            out.append(f"| {METHODS[m].label} | " + " | ".join(f"{get(m, b)['quantized']['map']:.4f}" if get(m, b) else "" for b in abl_bits) + " |")
+            out.append(f"| {METHODS[m].label} | " + " | ".join(cell(m, b, lambda r: r["quantized"]["map"]) for b in abl_bits) + " |")
+    counts = sorted({sum(1 for k in runs if k == base_key or k.startswith(base_key + ":s"))
+                     for base_key in {":".join(k.split(":")[:2]) for k in runs}})
+    if counts and counts != [1]:
+        out += ["", f"cells with several seeds: mean ± sample standard deviation over {'/'.join(map(str, counts))} seeds"]
     out += ["", f"total {format_seconds(time.monotonic() - t_start)}; setting: {json.dumps(setting)}"]
     print("\n".join(out))
     return 0
