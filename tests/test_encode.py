@@ -125,8 +125,10 @@ def test_deletions_then_compaction_keep_every_other_face(dataset, model_url, tmp
 def test_killed_run_then_rerun_has_no_duplicate_or_missing_face(lfw_dir, model_url, tmp_path):
     ds = write_face_dataset(tmp_path / "ds", lfw_dir, identities=8, photos=10, shards=10)
     gallery = tmp_path / "gallery"
-    cmd = [sys.executable, "-m", "pipelines.cli", "encode", model_url, str(ds), str(gallery), "--batch-size", "2"]
+    cmd = [sys.executable, "-m", "pipelines.cli", "encode", model_url, str(ds), str(gallery), "--batch-size", "2",
+           "--commit-seconds", "0"]
     # kill -9 between commits, deterministically: right after the 3rd source shard is committed
+    # (--commit-seconds 0: one commit per source shard)
     killed = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OPQN_FAULT_KILL_AFTER_COMMITS": "3"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -136,6 +138,15 @@ def test_killed_run_then_rerun_has_no_duplicate_or_missing_face(lfw_dir, model_u
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(require_gallery(str(gallery)).encoded_sources) == 10
     assert set(gallery_codes(str(gallery))) == set(dataset_faces(ds)["face_id"])
+
+
+def test_finished_source_shards_share_commits(lfw_dir, model_url, tmp_path):
+    ds = write_face_dataset(tmp_path / "ds", lfw_dir, identities=6, photos=6, shards=6)
+    gallery = str(tmp_path / "gallery")
+    summary = encode_gallery(model_url, str(ds), gallery, EncodeConfig(batch_size=4, commit_seconds=3600))
+    assert summary["sources_encoded"] == 6 and summary["commits"] == 1
+    assert read_manifest(gallery).generation == 1  # six source shards, one manifest rewrite
+    assert set(gallery_codes(gallery)) == set(dataset_faces(ds)["face_id"])
 
 
 def test_s3_dataset_and_gallery(s3_bucket, dataset, model_url, tmp_path):

@@ -1,8 +1,11 @@
 """Driver of gallery encoding: which source shards are new, Ray Data to encode them, commits.
 
-Work is committed per source shard: its code shard(s), with ``store_features`` the paired
-feature shard(s) (``pipelines.gallery``), its rejects and its watermark entry
-(``encoded_sources``) go into the gallery manifest in one atomic commit. A run killed at any
+Work is committed in whole source shards: a source shard's code shard(s), with
+``store_features`` the paired feature shard(s) (``pipelines.gallery``), its rejects and its
+watermark entry (``encoded_sources``) go into the gallery manifest in the same atomic commit.
+Source shards that finish close together share one commit (``commit_seconds``): every commit
+rewrites the manifest, so one commit per source shard made a gallery of many small shards
+quadratic (2,000 commits took 32 s of manifest writing, docs/results.md). A run killed at any
 point leaves only whole source shards committed, and the next run encodes exactly the rest;
 a run with nothing new writes nothing.
 """
@@ -41,6 +44,9 @@ class EncodeConfig:
     # also store each face's l2-normalised float feature (float16, 2*D bytes a face) in
     # <gallery>/features/ for `opqn query --rerank`; fixed for a gallery by its first encode
     store_features: bool = False
+    # finished source shards are committed together at most this often (seconds); 0 commits
+    # each as soon as it is complete. Longer: fewer manifest rewrites, more redone after a crash
+    commit_seconds: float = 10.0
 
 
 def codebook_scheme(state: dict) -> str:
@@ -74,9 +80,12 @@ def plan(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig):
     return state, gallery, todo, expected
 
 
-def _commit_source(gallery_url: str, state: dict, key: str, fingerprint: str, chunks: list[dict],
-                   cfg: EncodeConfig) -> tuple[int, int]:
-    """Write one source shard's codes and rejects, then list them with its watermark atomically."""
+def _write_source(gallery_url: str, state: dict, key: str, chunks: list[dict],
+                  cfg: EncodeConfig) -> tuple[list, int, int]:
+    """Write one source shard's code (and feature) shards and rejects, not yet listed anywhere.
+
+    Returns the manifest entries to commit, the faces encoded and the faces rejected.
+    """
     c = state["config"]
     schema = code_schema(c["M"], c["K"])
     face_id = np.concatenate([ch["face_id"] for ch in chunks]) if chunks else np.array([], dtype=object)
@@ -105,6 +114,15 @@ def _commit_source(gallery_url: str, state: dict, key: str, fingerprint: str, ch
         rej = pa.table({"face_id": face_id[~ok].tolist(), "source": [key] * int((~ok).sum()),
                         "reason": reject[~ok].tolist()}, schema=REJECT_SCHEMA)
         entries.append(write_data_file(gallery_url, rej, subdir="rejects", schema=REJECT_SCHEMA))
+    return entries, int(ok.sum()), int((~ok).sum())
+
+
+def _commit_sources(gallery_url: str, state: dict, written: list[tuple[str, str, list]], cfg: EncodeConfig) -> None:
+    """List the written files of whole source shards, with their watermarks, in one atomic commit.
+
+    ``written``: (source key, fingerprint, manifest entries) per source shard.
+    """
+    c = state["config"]
     meta = gallery_metadata(state["model_id"], c["D"], c["M"], c["K"], codebook_scheme(state), {},
                             store_features=cfg.store_features)
 
@@ -117,14 +135,18 @@ def _commit_source(gallery_url: str, state: dict, key: str, fingerprint: str, ch
             raise ValueError(f"gallery {gallery_url} was encoded {'with' if has_features else 'without'} float "
                              f"features meanwhile; a gallery is either with or without features")
         sources = dict(metadata.get("encoded_sources", {}))
-        if key in sources:  # a concurrent run committed this source first: add nothing twice
+        added = []
+        for key, fingerprint, entries in written:
+            if key in sources:  # a concurrent run committed this source first: add nothing twice
+                continue
+            sources[key] = fingerprint
+            added += entries
+        if len(sources) == len(metadata.get("encoded_sources", {})):
             return current
-        sources[key] = fingerprint
         metadata["encoded_sources"] = sources
-        return replace(current, files=current.files + tuple(entries), metadata=metadata)
+        return replace(current, files=current.files + tuple(added), metadata=metadata)
 
     commit(gallery_url, change)
-    return int(ok.sum()), int((~ok).sum())
 
 
 def _auto_actors(cfg: EncodeConfig) -> int:
@@ -145,7 +167,7 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
     state, gallery, todo, expected = plan(model_url, dataset, gallery_url, cfg)
     skipped = len(gallery.encoded_sources) if gallery else 0
     summary = {"gallery": gallery_url, "model_id": state["model_id"], "sources_encoded": 0,
-               "sources_skipped": skipped, "faces": 0, "rejected": 0, "code_shards_written": 0,
+               "sources_skipped": skipped, "faces": 0, "rejected": 0, "code_shards_written": 0, "commits": 0,
                "store_features": cfg.store_features}
     if not todo:
         print(f"encode: nothing new in {dataset} for {gallery_url} ({skipped} source shard(s) already encoded)",
@@ -189,15 +211,28 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
 
     # Fault injection for crash tests: SIGKILL this process right after the N-th commit.
     kill_after = int(os.environ.get("OPQN_FAULT_KILL_AFTER_COMMITS", "0"))
+    pending, last_commit = [], time.monotonic()  # written, not yet committed source shards
+
+    def flush(force: bool = False):
+        nonlocal last_commit
+        if not pending or (not force and time.monotonic() - last_commit < cfg.commit_seconds):
+            return
+        _commit_sources(gallery_url, state, [(k, f, e) for k, f, e, _, _ in pending], cfg)
+        for _, _, _, faces, rejected in pending:
+            summary["sources_encoded"] += 1
+            summary["faces"] += faces
+            summary["rejected"] += rejected
+            summary["code_shards_written"] += -(-faces // cfg.shard_rows)  # _write_source cuts every shard_rows
+        pending.clear()
+        last_commit = time.monotonic()
+        summary["commits"] += 1
+        if kill_after and summary["commits"] >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def finish(key):
-        faces, rejected = _commit_source(gallery_url, state, key, fingerprint[key], buffers.pop(key, []), cfg)
-        summary["sources_encoded"] += 1
-        if kill_after and summary["sources_encoded"] >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        summary["faces"] += faces
-        summary["rejected"] += rejected
-        summary["code_shards_written"] += -(-faces // cfg.shard_rows)  # _commit_source cuts every shard_rows
+        entries, faces, rejected = _write_source(gallery_url, state, key, buffers.pop(key, []), cfg)
+        pending.append((key, fingerprint[key], entries, faces, rejected))
+        flush()
 
     for key in [k for k, n in expected.items() if n == 0]:
         finish(key)  # a shard with no face in the selected splits is still marked done
@@ -212,11 +247,13 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
             if received[key] == expected[key]:
                 finish(key)
         progress.update(len(keys))
+    flush(force=True)
     missing = {k: expected[k] - received[k] for k in expected if expected[k] and received[k] != expected[k]}
     if missing:
         raise RuntimeError(f"encode: rows missing for source shards {missing}; nothing was committed for them")
     summary["seconds"] = time.monotonic() - t0
     print(f"encode done in {format_seconds(summary['seconds'])}: {summary['faces']} faces encoded, "
           f"{summary['rejected']} rejected, {summary['code_shards_written']} code shard(s) written, "
-          f"{summary['sources_encoded']} source shard(s) new, {skipped} skipped as already encoded", file=out, flush=True)
+          f"{summary['sources_encoded']} source shard(s) new in {summary['commits']} commit(s), "
+          f"{skipped} skipped as already encoded", file=out, flush=True)
     return summary
