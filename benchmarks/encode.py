@@ -1,14 +1,19 @@
 """Gallery encoding: Ray Data pipeline vs a plain torch loop, and memory vs gallery size.
 
 1. Throughput: the same face shards and model, encoded by `encode_gallery` (Ray Data, actor
-   pool) and by a plain loop (pyarrow read -> decode -> model -> argmax) in the same run.
-2. Memory: peak RSS of the whole process tree (driver + Ray workers) while encoding a
-   synthetic gallery of N faces, for 100k and 1M faces: it should not grow with N.
+   pool, Ray's start included) and by a plain loop (pyarrow read -> decode -> model -> argmax)
+   in the same run. 100k faces by default: at 20k, Ray's ~5 s start is a third of the run,
+   which no real gallery encode pays in that proportion.
+2. Memory: peak PSS of the whole process tree (driver + Ray workers) while encoding a
+   synthetic gallery of N faces, for 100k and 1M faces, each on a fresh Ray instance, with
+   source shards of ``--rss-shard-rows`` faces (ingest writes 500; with 50k the 100k gallery
+   is two shards and never fills the pipeline). It should not grow with N. The median over
+   the run's second half (``steady_mb_*``) shows the plateau without the peak's luck.
 
-    .venv/bin/python benchmarks/encode.py [--faces 20000] [--rss-sizes 100000,1000000]
+    .venv/bin/python benchmarks/encode.py [--faces 100000] [--rss-sizes 100000,1000000]
 
 The last line is one JSON object:
-{"faces_per_s", "baseline_faces_per_s", "ratio", "rss_mb_100k", "rss_mb_1m"}.
+{"faces_per_s", "baseline_faces_per_s", "ratio", "rss_mb_100k", "rss_mb_1m", "steady_mb_100k", ...}.
 """
 from __future__ import annotations
 
@@ -86,13 +91,16 @@ def plain_loop(model_url: str, dataset: Path, batch_size: int) -> tuple[int, flo
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--faces", type=int, default=20000)
+    ap.add_argument("--faces", type=int, default=100000)
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--rss-sizes", default="100000,1000000")
     ap.add_argument("--rss-image-size", type=int, default=16)
     ap.add_argument("--object-store-mb", type=int, default=1024)
+    ap.add_argument("--rss-batch-size", type=int, default=EncodeConfig.batch_size,
+                    help="encode batch size of the memory runs (default: encode's own)")
+    ap.add_argument("--rss-shard-rows", type=int, default=5000, help="faces per source shard of the memory runs")
     args = ap.parse_args(argv)
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,22 +119,31 @@ def main(argv=None) -> int:
                       ratio=round(pipeline / baseline, 3))
         # Memory runs under a fixed object store budget (Ray Data sizes its in-flight data to
         # it); with Ray's default of 30 % of RAM the store's pages count in RSS up to that cap.
+        # Each size runs on a fresh Ray instance, as a nightly encode would: on a shared one the
+        # previous run's encoder actors are still exiting when the next run's start, and their
+        # memory would be counted against the larger gallery.
         import ray
 
-        ray.shutdown()
-        ray.init(num_cpus=(os.cpu_count() or 1) + 1, object_store_memory=args.object_store_mb * 2**20,
-                 include_dashboard=False)
         small_model = make_model(str(tmp / "small.pt"), args.rss_image_size, 0.125)
         for size in (int(s) for s in args.rss_sizes.split(",") if s):
-            ds = synthetic_dataset(tmp / f"rss{size}", size, int(round(args.rss_image_size * 1.1)), shard_rows=50000)
+            ds = synthetic_dataset(tmp / f"rss{size}", size, int(round(args.rss_image_size * 1.1)),
+                                   shard_rows=args.rss_shard_rows)
+            ray.shutdown()
+            ray.init(num_cpus=(os.cpu_count() or 1) + 1, object_store_memory=args.object_store_mb * 2**20,
+                     include_dashboard=False)
             with PeakMemory() as rss:
                 t0 = time.monotonic()
-                encode_gallery(small_model, str(ds), str(tmp / f"gallery{size}"), EncodeConfig(batch_size=2048))
+                encode_gallery(small_model, str(ds), str(tmp / f"gallery{size}"), EncodeConfig(batch_size=args.rss_batch_size))
             key = f"rss_mb_{size // 1000}k" if size < 1_000_000 else f"rss_mb_{size // 1_000_000}m"
             result[key] = round(rss.tree_pss / 2**20, 1)
             result[key.replace("rss_mb", "driver_rss_mb")] = round(rss.driver_rss / 2**20, 1)
+            result[key.replace("rss_mb", "steady_mb")] = round(rss.median_late() / 2**20, 1)
             print(f"memory: {size} faces encoded in {time.monotonic() - t0:.0f} s, peak {result[key]} MB "
-                  f"(PSS of driver + Ray workers), driver alone {rss.driver_rss / 2**20:.0f} MB", flush=True)
+                  f"(PSS of driver + Ray workers), "
+                  f"median over the run's second half {rss.median_late() / 2**20:.0f} MB, "
+                  f"driver alone {rss.driver_rss / 2**20:.0f} MB", flush=True)
+            print("  at the peak: " + ", ".join(f"{k} {v / 2**20:.0f} MB" for k, v in rss.tree_pss_parts.items()),
+                  flush=True)
             top = sorted(rss.by_process.items(), key=lambda kv: -kv[1])[:6]
             print("  largest: " + ", ".join(f"{k} {v / 2**20:.0f} MB" for k, v in top), flush=True)
     print(json.dumps(result))

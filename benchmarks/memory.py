@@ -11,13 +11,36 @@ import threading
 import psutil
 
 
+def _pss_parts(pid: int) -> dict[str, int]:
+    """Pss_Anon / Pss_Shmem / Pss_File of a process in bytes (Linux >= 5.x), empty elsewhere."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("Pss_Anon", "Pss_Shmem", "Pss_File"):
+                    out[key[4:].lower()] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 class PeakMemory:
     def __init__(self, interval: float = 0.2):
         self.interval = interval
         self.driver_rss = self.tree_rss = self.tree_pss = 0
         self.by_process: dict[str, int] = {}  # peak PSS per process title, to see what grows
+        # the tree's PSS split at its peak: private heap vs shared memory (the object store)
+        self.tree_pss_parts: dict[str, int] = {}
+        self.samples: list[int] = []  # the tree's PSS at every sample, to tell a plateau from a climb
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def median_late(self) -> int:
+        """Median tree PSS over the second half of the samples: the steady state, without the
+        single worst moment that the peak records (which a longer run is likelier to catch)."""
+        late = sorted(self.samples[len(self.samples) // 2:]) or [0]
+        return late[len(late) // 2]
 
     @property
     def peak(self) -> int:
@@ -27,6 +50,7 @@ class PeakMemory:
     def _sample(self) -> None:
         me = psutil.Process()
         rss = pss = 0
+        parts = {"anon": 0, "shmem": 0, "file": 0}
         for p in [me, *me.children(recursive=True)]:
             try:
                 info = p.memory_full_info()
@@ -34,12 +58,17 @@ class PeakMemory:
                 continue
             rss += info.rss
             pss += info.pss
+            for name, value in _pss_parts(p.pid).items():
+                parts[name] += value
             try:
                 title = " ".join(p.cmdline()[:1])[:60] or p.name()
             except psutil.Error:
                 title = "?"
             key = f"{title} [{p.pid}]"
             self.by_process[key] = max(self.by_process.get(key, 0), info.pss)
+        self.samples.append(pss)
+        if pss > self.tree_pss:
+            self.tree_pss_parts = parts
         self.tree_rss, self.tree_pss = max(self.tree_rss, rss), max(self.tree_pss, pss)
         self.driver_rss = max(self.driver_rss, me.memory_info().rss)
 
