@@ -37,6 +37,20 @@ def load_checkpoint(url: str, storage_options: dict | None = None) -> dict:
     return state
 
 
+def require_opqn(state: dict, url: str) -> dict:
+    """Refuse the evaluation baselines' checkpoints where an OPQN model (any variant) is needed.
+
+    DPQ and DCDH checkpoints (``opqn evaluate``, ``benchmarks/paper_tables.py``) load like any
+    other but hold another network; galleries and queries used to fail on them deep in an
+    encoder actor, with "unknown OPQN config keys".
+    """
+    method = state.get("method", "opqn")
+    if method in ("dpq", "dcdh"):
+        raise ValueError(f"{url} is a {method.upper()} checkpoint, an evaluation baseline; galleries and "
+                         f"queries need an OPQN checkpoint (`opqn train` or the train-opqn flow, any --variant)")
+    return state
+
+
 def checkpoint_model_id(url: str, storage_options: dict | None = None) -> str:
     """The ``model_id`` ``load_checkpoint`` gives, hashed while streaming the file: for callers
     that only need the identity, without deserialising the weights."""

@@ -128,6 +128,14 @@ def test_each_method_trains_one_step_and_evaluates(tiny, name, tmp_path):
     out = evaluate_url(url, str(tiny["seen"]), None, "single", method=name)
     assert out["result"]["quantized"]["map"] == pytest.approx(r["quantized"]["map"])
     assert out["result"]["float"]["map"] == pytest.approx(r["float"]["map"], abs=1e-6)
+    if METHODS[name].family != "opqn":  # baselines make no galleries: refused up front, by name
+        from pipelines.encode.run import encode_gallery
+        from pipelines.query.run import query_batch
+
+        for run in (lambda: encode_gallery(url, str(tmp_path / "ds"), str(tmp_path / "g")),
+                    lambda: query_batch(url, str(tmp_path / "g"), str(tmp_path / "q"), str(tmp_path / "r"))):
+            with pytest.raises(ValueError, match=f"{name.upper()} checkpoint, an evaluation baseline"):
+                run()
 
 
 def test_cli_train_method_then_evaluate(tiny, tmp_path, capsys):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
-from pipelines.checkpoint import load_checkpoint
+from pipelines.checkpoint import load_checkpoint, require_opqn
 from pipelines.encode.encoder import Encoder
 from pipelines.faces import arrow_filesystem, face_shards, read_face_columns
 from pipelines.gallery import (CODES_DIR, code_schema, feature_table, gallery_metadata, open_gallery,
@@ -55,7 +55,7 @@ def codebook_scheme(state: dict) -> str:
 
 def plan(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig):
     """Check model against gallery and list the source shards still to encode, with row counts."""
-    state = load_checkpoint(model_url)
+    state = require_opqn(load_checkpoint(model_url), model_url)
     c = state["config"]
     gallery = open_gallery(gallery_url)
     if gallery is not None:

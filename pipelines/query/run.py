@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+from pipelines.checkpoint import load_checkpoint, model_from_checkpoint, require_opqn
 from pipelines.gallery import deleted_ids, require_gallery
 from pipelines.inference import stored_size
 from pipelines.progress import Progress, format_seconds
@@ -204,7 +204,7 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
     cfg = cfg or QueryConfig()
     out = out or sys.stderr
     t0 = time.monotonic()
-    state = load_checkpoint(model_url, storage_options)
+    state = require_opqn(load_checkpoint(model_url, storage_options), model_url)
     model = model_from_checkpoint(state)
     mc = model.cfg
     gallery = require_gallery(gallery_url, storage_options)
