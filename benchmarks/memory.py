@@ -11,17 +11,15 @@ import threading
 import psutil
 
 
-def _pss_parts(pid: int) -> dict[str, int]:
-    """Pss_Anon / Pss_Shmem / Pss_File of a process in bytes (Linux >= 5.x), empty elsewhere."""
+def _smaps_rollup(pid: int) -> dict[str, int]:
+    """Rss, Pss and Pss_Anon / Pss_Shmem / Pss_File of a process in bytes (Linux >= 5.x), from
+    one read: psutil's ``memory_full_info`` reads the same file for Pss alone."""
     out = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("Pss_Anon", "Pss_Shmem", "Pss_File"):
-                    out[key[4:].lower()] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("Rss", "Pss", "Pss_Anon", "Pss_Shmem", "Pss_File"):
+                out[key] = int(value.split()[0]) * 1024
     return out
 
 
@@ -53,19 +51,19 @@ class PeakMemory:
         parts = {"anon": 0, "shmem": 0, "file": 0}
         for p in [me, *me.children(recursive=True)]:
             try:
-                info = p.memory_full_info()
-            except psutil.Error:
+                info = _smaps_rollup(p.pid)
+            except OSError:  # the process has exited
                 continue
-            rss += info.rss
-            pss += info.pss
-            for name, value in _pss_parts(p.pid).items():
-                parts[name] += value
+            rss += info["Rss"]
+            pss += info["Pss"]
+            for name in parts:
+                parts[name] += info.get(f"Pss_{name.capitalize()}", 0)
             try:
                 title = " ".join(p.cmdline()[:1])[:60] or p.name()
             except psutil.Error:
                 title = "?"
             key = f"{title} [{p.pid}]"
-            self.by_process[key] = max(self.by_process.get(key, 0), info.pss)
+            self.by_process[key] = max(self.by_process.get(key, 0), info["Pss"])
         self.samples.append(pss)
         if pss > self.tree_pss:
             self.tree_pss_parts = parts

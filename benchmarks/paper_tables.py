@@ -52,16 +52,29 @@ def _seed_tag(seed: int, sep: str) -> str:
     return f"{sep}{seed}" if seed else ""
 
 
-def _round(metrics: dict) -> dict:
-    return {"map": round(metrics["map"], 4),
-            "precision_at": {int(t): round(v, 4) for t, v in metrics["precision_at"].items()},
-            "queries": metrics["queries"], "database": metrics["database"], "pr": metrics["pr"]}
+def _round(metrics: dict, pr: bool) -> dict:
+    out = {"map": round(metrics["map"], 4),
+           "precision_at": {int(t): round(v, 4) for t, v in metrics["precision_at"].items()},
+           "queries": metrics["queries"], "database": metrics["database"]}
+    return {**out, "pr": metrics["pr"]} if pr else out
 
 
-def _row(result: dict, info: dict) -> dict:
+def _row(result: dict, info: dict, pr: bool = True) -> dict:
+    """A run's results; ``pr=False`` drops the PR curve, which only the plotted (seed-0) runs need."""
     return {"method": result["method"], "label": result["label"], "bits": result["bits"], "ranking": result["ranking"],
-            "quantized": _round(result["quantized"]), "float": _round(result["float"]),
+            "quantized": _round(result["quantized"], pr), "float": _round(result["float"], pr),
             "distinct_database_codes": result["distinct_database_codes"], **info}
+
+
+def _save(path: Path, store: dict) -> None:
+    """Compact JSON: indented, the PR curves' long lists made the file megabytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(store))
+
+
+def _seed_runs(runs: dict, method: str, bits: int) -> list[dict]:
+    """Every seed's run of (method, bits): the seed-0 key and its ``:s<seed>`` siblings."""
+    return [run for key, run in runs.items() if key == f"{method}:{bits}" or key.startswith(f"{method}:{bits}:s")]
 
 
 def main(argv=None) -> int:
@@ -151,13 +164,12 @@ def main(argv=None) -> int:
         else:
             model, tinfo = train_method(method, cfg, train_set)
             info = {"train_seconds": round(tinfo["train_seconds"], 1), "final_loss": round(tinfo["history"][-1]["loss"], 4)}
-        run = {"single": _row(evaluate_model(model, query_set, train_set, DEFAULT_TS), info)}
+        run = {"single": _row(evaluate_model(model, query_set, train_set, DEFAULT_TS), info, pr=not seed)}
         for name, s in cross_sets.items():
-            run[name] = _row(evaluate_model(model, s.queries, s.database, DEFAULT_TS), {})
+            run[name] = _row(evaluate_model(model, s.queries, s.database, DEFAULT_TS), {}, pr=not seed)
         key = f"{method}:{bits}{_seed_tag(seed, ':s')}"
         store["runs"][key] = {**store["runs"].get(key, {}), "setting": setting, **run}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(store, indent=1))
+        _save(path, store)
         r = run["single"]
         print(f"{r['label']} {bits} bit seed {seed}: single mAP {r['quantized']['map']:.4f} P@5 {r['quantized']['precision_at'][5]:.4f} "
               f"float mAP {r['float']['map']:.4f}"
@@ -175,8 +187,7 @@ def main(argv=None) -> int:
 
     def cell(m, b, value, where="single", digits=4):
         """One table cell: the value of the seed-0 run, or mean ± std over every seed run."""
-        rows = [run[where] for key, run in runs.items()
-                if (key == f"{m}:{b}" or key.startswith(f"{m}:{b}:s")) and where in run]
+        rows = [run[where] for run in _seed_runs(runs, m, b) if where in run]
         if not rows:
             return ""
         vals = [value(r) for r in rows]
@@ -185,8 +196,7 @@ def main(argv=None) -> int:
         return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
 
     if args.merge:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(store, indent=1))
+        _save(path, store)
 
     def sizes(where="single"):
         row = next((r[where] for r in runs.values() if where in r), None)
@@ -231,8 +241,7 @@ def main(argv=None) -> int:
                 "| variant | " + " | ".join(f"{b} bit" for b in abl_bits) + " |", "|---|" + "---|" * len(abl_bits)]
         for m in ablations:
             out.append(f"| {METHODS[m].label} | " + " | ".join(cell(m, b, lambda r: r["quantized"]["map"]) for b in abl_bits) + " |")
-    counts = sorted({sum(1 for k in runs if k == base_key or k.startswith(base_key + ":s"))
-                     for base_key in {":".join(k.split(":")[:2]) for k in runs}})
+    counts = sorted({len(_seed_runs(runs, *key.split(":")[:2])) for key in runs})
     if counts and counts != [1]:
         out += ["", f"cells with several seeds: mean ± sample standard deviation over {'/'.join(map(str, counts))} seeds"]
     out += ["", f"total {format_seconds(time.monotonic() - t_start)}; setting: {json.dumps(setting)}"]

@@ -44,8 +44,10 @@ def require_opqn(state: dict, url: str) -> dict:
     other but hold another network; galleries and queries used to fail on them deep in an
     encoder actor, with "unknown OPQN config keys".
     """
+    from pipelines.evaluate.methods import METHODS  # here: that module imports this one
+
     method = state.get("method", "opqn")
-    if method in ("dpq", "dcdh"):
+    if method in METHODS and METHODS[method].family != "opqn":
         raise ValueError(f"{url} is a {method.upper()} checkpoint, an evaluation baseline; galleries and "
                          f"queries need an OPQN checkpoint (`opqn train` or the train-opqn flow, any --variant)")
     return state
