@@ -15,12 +15,25 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from pipelines.train_local import TrainConfig, prepare_sets, train_local
 
 # bits -> (K, D): 2x256 / 4x256 / 6x256 with square codebooks (D = M*K).
 CONFIGS = {16: (256, 0), 32: (256, 0), 48: (256, 0)}
+
+
+def parse_settings(cls, pairs: list[str]) -> dict:
+    """``FIELD=VALUE`` strings -> typed overrides of the dataclass ``cls``."""
+    types = {f.name: type(f.default) for f in fields(cls)}
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in types:
+            raise SystemExit(f"--set {pair}: {cls.__name__} has no field {name!r}")
+        kind = types[name]
+        out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
 
 
 def main(argv=None) -> int:
@@ -31,9 +44,12 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--bits", default="16,32,48")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="any other training setting (repeatable), e.g. --set schedule=step --set batch_size=256")
     args = ap.parse_args(argv)
     base = TrainConfig(data=args.data, epochs=args.epochs, width=args.width, image_size=args.image_size,
                        threads=args.threads, min_photos=10, query_fraction=0.2, resume=False)
+    base = replace(base, **parse_settings(TrainConfig, args.set))
     train_set, query_set = prepare_sets(base)
     print(f"LFW >= 10 photos: {len(train_set)} database/training faces, {len(query_set)} queries, "
           f"{len(set(train_set.labels))} identities", file=sys.stderr)

@@ -6,6 +6,8 @@ soft assignment p_m towards one codeword so the argmax code loses little.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -41,9 +43,20 @@ def assignment_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1).mean()
 
 
+def usage_deficit(p: torch.Tensor) -> torch.Tensor:
+    """log K minus the entropy of the batch's mean assignment, averaged over subspaces.
+
+    The per-sample entropy term makes each face pick one codeword firmly, but nothing stops
+    many faces from picking the same one; on faces unlike the training set that ends in a few
+    "sink" codes holding most of a gallery. Zero when the batch uses every codeword equally.
+    """
+    mean = p.mean(0).clamp_min(1e-12)  # (M, K)
+    return (math.log(p.shape[-1]) + (mean * mean.log()).sum(-1)).mean()
+
+
 def opqn_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, W: torch.Tensor,
               cfg: OPQNConfig) -> dict[str, torch.Tensor]:
-    """L = L_clf + lambda * L_ent, returned with its parts and the x-branch accuracy."""
+    """L = L_clf + lambda * L_ent (+ balance * usage deficit), with its parts and the x-branch accuracy."""
     xs, s = out["xs"], out["s"]
     if cfg.classifier == "concat":
         xs, s = xs.reshape(xs.shape[0], 1, -1), s.reshape(s.shape[0], 1, -1)
@@ -53,10 +66,14 @@ def opqn_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, W: torch.Tenso
     clf_s = margin_cross_entropy(s_logits, labels, cfg)
     clf = clf_s if cfg.loss_branches == "s" else 0.5 * (clf_x + clf_s)
     entropy = assignment_entropy(out["logits"])
+    loss = clf + cfg.lam * entropy
+    parts = {}
+    if cfg.balance:
+        parts["usage_deficit"] = usage_deficit(out["p"])
+        loss = loss + cfg.balance * parts["usage_deficit"]
     with torch.no_grad():
         acc = (x_logits.sum(1).argmax(-1) == labels).float().mean()
-    return {"loss": clf + cfg.lam * entropy, "clf": clf, "clf_x": clf_x, "clf_s": clf_s,
-            "entropy": entropy, "acc": acc}
+    return {"loss": loss, "clf": clf, "clf_x": clf_x, "clf_s": clf_s, "entropy": entropy, "acc": acc, **parts}
 
 
 class OPQNWithLoss(torch.nn.Module):

@@ -63,6 +63,7 @@ class OPQNConfig(CodeShape):
     r: float = 40.0  # CosFace scale (paper 40; reference code 20 at 32 px)
     u: float = 0.4  # CosFace margin (paper 0.4; reference code 0.5)
     lam: float = 0.1  # entropy weight lambda
+    balance: float = 0.0  # weight of the batch codeword-usage term (0 in the paper)
     learn_codebooks: bool = False
     loss_branches: str = "xs"  # "xs": x and s; "s": s only (OPQN-A)
     classifier: str = "subspace"  # "subspace": W_m per subspace; "concat": one W on the whole vector

@@ -6,6 +6,8 @@ listed by ``<dataset>/manifest.json`` when the dataset has one.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -59,33 +61,53 @@ def read_face_columns(files: list[str], columns=("face_id", "identity", "split")
     return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
 
 
-def decode_batch(images, stored_size: int, crop_fraction: float = 1.0) -> np.ndarray:
-    """Encoded crops -> (n, 3, S, S) uint8; a face that fails to decode is an error naming its index."""
+def decode_batch(images, stored_size: int, crop_fraction: float = 1.0, threads: int = 1) -> np.ndarray:
+    """Encoded crops -> (n, 3, S, S) uint8; a face that fails to decode is an error naming its index.
+
+    ``threads`` > 1 decodes in a thread pool (PIL releases the GIL while decoding)."""
     out = np.empty((len(images), 3, stored_size, stored_size), dtype=np.uint8)
-    for i, data in enumerate(images):
+
+    def decode(i: int) -> None:
         try:
-            out[i] = decode_face(bytes(data), stored_size, crop_fraction)
+            out[i] = decode_face(bytes(images[i]), stored_size, crop_fraction)
         except Exception as exc:
             raise ValueError(f"face image {i} of the batch cannot be decoded: {exc}") from exc
+
+    if threads > 1 and len(images) > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(decode, range(len(images))))
+    else:
+        for i in range(len(images)):
+            decode(i)
     return out
 
 
 def load_face_dataset(dataset: str, splits, stored_size: int, crop_fraction: float = 1.0,
-                      storage_options: dict | None = None, allow_empty: bool = False):
-    """Faces of the given splits decoded into memory (a FaceSet), for single-process use."""
+                      storage_options: dict | None = None, allow_empty: bool = False,
+                      select=None, threads: int = 1, files: list[str] | None = None):
+    """Faces of the given splits decoded into memory (a FaceSet).
+
+    ``select(face_ids) -> bool mask`` keeps a subset before decoding: a Ray Train worker holds
+    only its own share of the dataset. ``files`` skips listing the dataset again.
+    """
     import torch
 
     from pipelines.image_folder import FaceSet
 
     images, labels, ids = [], [], []
-    for url in face_shard_files(dataset, storage_options):
+    for url in files or face_shard_files(dataset, storage_options):
         fs, path = arrow_filesystem(url, storage_options)
         table = pq.read_table(path, columns=["face_id", "identity", "split", "image"], filesystem=fs)
         keep = np.isin(np.asarray(table.column("split").to_pylist(), dtype=object), list(splits))
+        if select is not None:
+            keep &= select(np.asarray(table.column("face_id").to_pylist(), dtype=object))
         if not keep.any():
             continue
         table = table.filter(pa.array(keep))
-        images.append(decode_batch(table.column("image").to_pylist(), stored_size, crop_fraction))
+        try:
+            images.append(decode_batch(table.column("image").to_pylist(), stored_size, crop_fraction, threads))
+        except ValueError as exc:
+            raise ValueError(f"{url}: {exc}") from exc
         labels += table.column("identity").to_pylist()
         ids += table.column("face_id").to_pylist()
     if not ids:

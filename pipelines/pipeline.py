@@ -13,26 +13,22 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from pipelines.progress import format_seconds
-from pipelines.recipe import add_config_arguments, config_from_args
+from pipelines.recipe import Recipe, add_config_arguments, config_from_args
 from storage import urls
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(Recipe):
+    """The training recipe (the same settings and defaults as `opqn train`) plus the job's own."""
+
     data: str = ""  # photo tree (identity/photo, local or s3://); "" = <OPQN_DATA>/lfw
     workdir: str = "runs/pipeline"  # URL that receives dataset/, model.pt, gallery/<model id>/, results.parquet, report/, viewer/
     min_photos: int = 10  # identities with fewer photos are rejected before detection
     query_fraction: float = 0.2  # of each identity's photos: queries; the rest is training set and gallery
     crop_size: int = 64  # stored aligned crop (pixels)
-    bits: int = 32
-    codewords: int = 256
-    image_size: int = 32  # network input; 112 with --width 1.0 is the paper's setting (GPU)
-    width: float = 0.25
-    epochs: int = 20
-    batch_size: int = 256
     workers: int = 2  # Ray Train workers
     use_gpu: bool = False
     top_k: int = 100
@@ -40,7 +36,6 @@ class PipelineConfig:
     rerank: int = 0  # re-score the PQ top-R by exact cosine (needs store_features); 1000 for unseen identities
     view_queries: int = 40
     view_top_k: int = 10
-    seed: int = 0
 
     def source(self) -> str:
         if self.data:
@@ -75,10 +70,9 @@ def train(cfg: PipelineConfig, where: dict, out) -> dict:
     from pipelines.train.config import RayTrainConfig
     from pipelines.train.run import train as ray_train
 
-    rc = RayTrainConfig(dataset=where["dataset"], model_url=where["model"], train_splits=("database",),
-                        bits=cfg.bits, codewords=cfg.codewords, image_size=cfg.image_size, width=cfg.width,
-                        epochs=cfg.epochs, batch_size=cfg.batch_size, workers=cfg.workers,
-                        use_gpu=cfg.use_gpu, seed=cfg.seed)
+    recipe = {f.name: getattr(cfg, f.name) for f in fields(Recipe)}
+    rc = RayTrainConfig(**recipe, dataset=where["dataset"], model_url=where["model"], train_splits=("database",),
+                        workers=cfg.workers, use_gpu=cfg.use_gpu)
     r = ray_train(rc, out=out)
     last = r["history"][-1] if r["history"] else {}
     return {"epochs": r["epoch"], "faces": r["faces"], "identities": r["identities"],

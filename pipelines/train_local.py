@@ -3,7 +3,7 @@
 This is the reference the distributed (Ray Train) trainer is compared with, and the
 quickest way to get a model on one machine: it reads an LFW-style folder, splits each
 identity's photos into queries and database/training photos, trains with the paper's recipe
-(SGD momentum 0.9, weight decay 5e-4, lr halved every 35/200 of the run), checkpoints every
+(``pipelines.recipe``, the loop in ``pipelines.train.loop``), checkpoints every
 epoch to a storage URL, resumes from that checkpoint, and ends with retrieval metrics.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pipelines.checkpoint import checkpoint_exists, restore_training, save_check
 from pipelines.faces import is_face_dataset, load_face_dataset
 from pipelines.image_folder import FaceSet, list_identity_folder, load_face_set, query_split
 from pipelines.recipe import Recipe, add_config_arguments, config_from_args, make_optimizer
+from pipelines.train.loop import steps_per_epoch, train_epoch
 from pipelines.progress import Progress, format_seconds
 from pipelines.retrieval import evaluate_retrieval
 from pipelines.settings import data_root
@@ -61,54 +62,6 @@ def prepare_sets(cfg: TrainConfig) -> tuple[FaceSet, FaceSet]:
     return faces.subset(np.flatnonzero(~is_query)), faces.subset(np.flatnonzero(is_query))
 
 
-def augment(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-image random crop of ``size`` from the enlarged stored image, and random flip."""
-    n, e = images.shape[0], images.shape[-1]
-    offsets = torch.randint(0, e - size + 1, (n, 2), generator=generator)
-    flips = torch.rand(n, generator=generator) < 0.5
-    out = torch.empty(n, images.shape[1], size, size, dtype=images.dtype)
-    for i in range(n):
-        y, x = int(offsets[i, 0]), int(offsets[i, 1])
-        crop = images[i, :, y:y + size, x:x + size]
-        out[i] = crop.flip(-1) if flips[i] else crop
-    return out.float().div(127.5).sub(1.0)
-
-
-def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A shuffled epoch; the last partial batch is dropped (BatchNorm needs > 1 sample)."""
-    perm = torch.randperm(n, generator=generator)
-    if n <= batch_size:
-        return [perm]
-    return [perm[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-def train_step(module: torch.nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """One SGD step of an ``OPQNWithLoss`` (plain or DDP-wrapped); returns the loss parts."""
-    module.train()
-    parts = module(images, labels)
-    optimizer.zero_grad(set_to_none=True)
-    parts["loss"].backward()
-    optimizer.step()
-    return {k: float(v.detach()) for k, v in parts.items()}
-
-
-def train_epoch(trainable: torch.nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor, image_size: int,
-                batch_size: int, generator: torch.Generator, step_budget: int = 0) -> tuple[dict[str, float], int]:
-    """One shuffled pass over in-memory faces: the sample-weighted mean of each loss part (plus
-    ``samples``) and the number of steps taken; stops after ``step_budget`` steps if positive."""
-    sums: dict[str, float] = {}
-    seen = steps = 0
-    for idx in batches(len(images), batch_size, generator):
-        parts = train_step(trainable, optimizer, augment(images[idx], image_size, generator), labels[idx])
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v * len(idx)
-        seen += len(idx)
-        steps += 1
-        if step_budget and steps >= step_budget:
-            break
-    return {**{k: v / seen for k, v in sums.items()}, "samples": seen}, steps
-
-
 def train_local(cfg: TrainConfig, train_set: FaceSet | None = None, query_set: FaceSet | None = None,
                 evaluate: bool = True, out=None) -> dict:
     """Train (or resume) and return the final epoch's losses plus retrieval metrics."""
@@ -121,9 +74,10 @@ def train_local(cfg: TrainConfig, train_set: FaceSet | None = None, query_set: F
     classes = sorted(set(train_set.labels.tolist()))
     model = OPQN(cfg.opqn_config(len(classes)))
     trainable = OPQNWithLoss(model)
-    opt, sched = make_optimizer(model, cfg)
+    steps = steps_per_epoch(len(train_set), cfg.batch_size)
+    opt, sched = make_optimizer(model, cfg, steps)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start_epoch, history, steps = 0, [], 0
+    start_epoch, history, done = 0, [], 0
     if cfg.resume and checkpoint_exists(cfg.model_url):
         state = restore_training(cfg.model_url, model, opt, sched, classes)
         gen.set_state(state["generator"])
@@ -136,23 +90,23 @@ def train_local(cfg: TrainConfig, train_set: FaceSet | None = None, query_set: F
     m = model.cfg
     print(f"training OPQN-{m.variant} {m.bits:g} bit (M={m.M}, K={m.K}, D={m.D}) on {len(train_set)} faces of "
           f"{len(classes)} identities, {m.image_size}px width {m.width}, {cfg.epochs} epochs", file=out)
-    per_epoch = sum(len(b) for b in batches(len(train_set), cfg.batch_size, torch.Generator()))
+    per_epoch = min(len(train_set), steps * cfg.batch_size)
     progress = Progress((cfg.epochs - start_epoch) * per_epoch, "samples", "train", interval=0, stream=out)
+    period_start = time.monotonic()  # an epoch's time includes the previous epoch's checkpoint, as on Ray
     for epoch in range(start_epoch, cfg.epochs):
-        t_epoch = time.monotonic()
-        means, taken = train_epoch(trainable, opt, train_set.images, labels, m.image_size, cfg.batch_size, gen,
-                                   cfg.max_steps - steps if cfg.max_steps else 0)
-        steps += taken
-        sched.step()
-        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **means,
-                  "samples_per_s": means["samples"] / max(time.monotonic() - t_epoch, 1e-9)}
+        means, taken = train_epoch(trainable, opt, sched, train_set.images, labels, cfg, gen,
+                                   step_budget=cfg.max_steps - done if cfg.max_steps else 0)
+        done += taken
+        elapsed, period_start = time.monotonic() - period_start, time.monotonic()
+        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **means, "epoch_seconds": elapsed,
+                  "samples_per_s": means["samples"] / max(elapsed, 1e-9)}
         history.append(record)
         save_checkpoint(cfg.model_url, training_state(
             model, opt, sched, epoch=epoch + 1, history=history, classes=classes, train=asdict(cfg),
             generator=gen.get_state(), torch_rng=torch.get_rng_state()))
         progress.update(per_epoch, extra="epoch {epoch}/{total} loss {loss:.3f} clf_x {clf_x:.3f} "
                         "clf_s {clf_s:.3f} entropy {entropy:.3f} acc {acc:.3f}".format(total=cfg.epochs, **record))
-        if cfg.max_steps and steps >= cfg.max_steps:
+        if cfg.max_steps and done >= cfg.max_steps:
             break
     result = {"history": history, "model_url": cfg.model_url, "train_faces": len(train_set),
               "identities": len(classes), "train_seconds": progress.elapsed()}

@@ -41,10 +41,13 @@ def run_train(dataset, model_url, address, *extra, wait=True):
     return proc.returncode, out
 
 
-def test_two_workers_on_two_nodes_stay_in_sync(ray_cluster, face_dataset, tmp_path):
+@pytest.mark.parametrize("cache_mb", ["4096", "0"], ids=["in_memory", "streamed"])
+def test_two_workers_on_two_nodes_stay_in_sync(cache_mb, ray_cluster, face_dataset, tmp_path):
+    """Faces held in each worker's memory (the default) or streamed from Ray Data every epoch."""
     model_url = tmp_path / "model.pt"
-    code, out = run_train(face_dataset, model_url, ray_cluster, "--epochs", "2")
+    code, out = run_train(face_dataset, model_url, ray_cluster, "--epochs", "2", "--cache-mb", cache_mb)
     assert code == 0, out[-3000:]
+    assert ("keeps its" if cache_mb != "0" else "streams its") in out
     state = load_checkpoint(str(model_url))
     assert state["workers"] == 2
     assert len(state["nodes"]) == 2, "each of the two nodes should run one worker"

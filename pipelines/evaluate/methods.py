@@ -29,7 +29,9 @@ from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.evaluate.baselines import DCDH, DPQ, DCDHConfig, DPQConfig, hamming_distances
 from pipelines.image_folder import FaceSet
 from pipelines.progress import Progress
-from pipelines.train_local import TrainConfig, batches, make_optimizer, train_epoch
+from pipelines.recipe import make_optimizer
+from pipelines.train.loop import steps_per_epoch, train_epoch
+from pipelines.train_local import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ def train_method(name: str, cfg: TrainConfig, train_set: FaceSet, out=None) -> t
     torch.manual_seed(cfg.seed)
     classes = sorted(set(train_set.labels.tolist()))
     model = build_model(name, cfg, len(classes))
-    opt, sched = make_optimizer(model, cfg)
+    steps = steps_per_epoch(len(train_set), cfg.batch_size)
+    opt, sched = make_optimizer(model, cfg, steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     label_of = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([label_of[c] for c in train_set.labels])
@@ -119,18 +122,17 @@ def train_method(name: str, cfg: TrainConfig, train_set: FaceSet, out=None) -> t
     method = get_method(name)
     print(f"training {method.label} {cfg.bits} bit on {len(train_set)} faces of {len(classes)} identities, "
           f"{cfg.image_size}px width {cfg.width}, {cfg.epochs} epochs", file=out)
-    per_epoch = sum(len(b) for b in batches(len(train_set), cfg.batch_size, torch.Generator()))
+    per_epoch = min(len(train_set), steps * cfg.batch_size)
     progress = Progress(cfg.epochs * per_epoch, "samples", f"train {name}", interval=0, stream=out)
-    history, steps = [], 0
+    history, done = [], 0
     for epoch in range(cfg.epochs):
-        means, taken = train_epoch(trainable, opt, train_set.images, labels, cfg.image_size, cfg.batch_size, gen,
-                                   cfg.max_steps - steps if cfg.max_steps else 0)
-        steps += taken
-        sched.step()
+        means, taken = train_epoch(trainable, opt, sched, train_set.images, labels, cfg, gen,
+                                   step_budget=cfg.max_steps - done if cfg.max_steps else 0)
+        done += taken
         record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **means}
         history.append(record)
         progress.update(per_epoch, extra=f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.3f} acc {record['acc']:.3f}")
-        if cfg.max_steps and steps >= cfg.max_steps:
+        if cfg.max_steps and done >= cfg.max_steps:
             break
     model.eval()
     if cfg.model_url:

@@ -14,11 +14,18 @@ class RayTrainConfig(Recipe):
     crop_fraction: float = 1.0  # face shards hold aligned crops: use all of it
     workers: int = 2
     use_gpu: bool = False
-    threads_per_worker: int = 1
+    threads_per_worker: int = 0  # torch threads in each worker; 0 = the worker's CPUs (cpus_per_worker)
     cpus_per_worker: float = 1.0
     max_failures: int = 3  # worker-group restarts before the run fails (-1: unlimited)
     shuffle_buffer: int = 2048  # rows in each worker's local shuffle buffer
-    cache_decoded: bool = False  # keep decoded crops in the Ray object store after the first epoch
+    cache_mb: int = 4096  # decoded faces each worker keeps in memory across epochs; a larger share streams from Ray Data
     resume: bool = True  # continue from the checkpoint at model_url if one exists
     storage_path: str = ""  # Ray Train run storage (shared by all nodes); "" = beside a local model_url
     run_id: str = ""  # set by the driver; lets retries resume even with resume=False
+
+    def worker_threads(self) -> int:
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
+    def share_mb(self, rows: int) -> float:
+        """Decoded bytes of one worker's share of ``rows`` faces, in MB."""
+        return rows / max(1, self.workers) * 3 * self.stored_size() ** 2 / 2**20

@@ -75,7 +75,7 @@ def build_dataset(cfg: RayTrainConfig, files: list[str], classes: list[str]) -> 
         _decode, batch_format="numpy", batch_size=256,
         fn_kwargs={"label_of": {c: i for i, c in enumerate(classes)}, "splits": list(cfg.train_splits),
                    "stored_size": cfg.stored_size(), "crop_fraction": cfg.crop_fraction})
-    return ds.materialize() if cfg.cache_decoded else ds
+    return ds
 
 
 def _storage_path(cfg: RayTrainConfig) -> str:
@@ -99,26 +99,33 @@ def train(cfg: RayTrainConfig, out=None) -> dict:
                           if getattr(cfg, k) and urls.is_local(getattr(cfg, k))})
     files, classes, rows = training_identities(cfg)
     opqn_config = cfg.opqn_config(len(classes))  # raises on K > D/M and other shape errors
-    per_worker = cfg.batch_size // cfg.workers
-    if rows // cfg.workers < per_worker:
-        print(f"warning: {rows} training faces give each of {cfg.workers} workers less than one batch of "
-              f"{per_worker}; lower --batch-size", file=out)
     cfg = replace(cfg, run_id=cfg.run_id or uuid.uuid4().hex)
     # in-process Ray: the workers' CPUs plus one for Ray Data's read/decode tasks
     init_ray(num_cpus=max(os.cpu_count() or 1, int(math.ceil(cfg.workers * cfg.cpus_per_worker))) + 1)
     print(f"training OPQN-{opqn_config.variant} {opqn_config.bits:g} bit (M={opqn_config.M}, K={opqn_config.K}, "
           f"D={opqn_config.D}) on {rows} faces of {len(classes)} identities from {cfg.dataset}, "
           f"{cfg.workers} worker(s), {cfg.epochs} epochs -> {cfg.model_url}", file=out, flush=True)
+    # faces that fit in the workers' memory are decoded once by each worker and kept for every
+    # epoch; a larger dataset streams through Ray Data (read + decode every epoch)
+    in_memory = cfg.share_mb(rows) <= cfg.cache_mb
+    print(f"data: each worker {'keeps its ~' if in_memory else 'streams its ~'}{cfg.share_mb(rows):.0f} MB share of decoded "
+          f"faces {'in memory' if in_memory else f'(over --cache-mb {cfg.cache_mb})'}", file=out, flush=True)
+    per_worker, share = cfg.batch_size // cfg.workers, rows // cfg.workers
+    if share < per_worker:
+        print(f"note: {rows} training faces give each of {cfg.workers} workers ~{share}, less than a batch of "
+              f"{per_worker}: " + ("each step takes a worker's whole share" if in_memory else "lower --batch-size"),
+              file=out, flush=True)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": asdict(cfg), "classes": classes, "opqn_config": opqn_config.to_dict()},
+        train_loop_config={"config": asdict(cfg), "classes": classes, "opqn_config": opqn_config.to_dict(),
+                           "in_memory": in_memory, "files": files, "rows": rows},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker},
                                                placement_strategy="SPREAD"),
         run_config=ray.train.RunConfig(name=f"opqn-{cfg.run_id[:8]}", storage_path=_storage_path(cfg),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-        datasets={"train": build_dataset(cfg, files, classes)},
+        datasets={} if in_memory else {"train": build_dataset(cfg, files, classes)},
     )
     trainer.fit()
     state = load_checkpoint(cfg.model_url)
