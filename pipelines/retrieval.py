@@ -5,10 +5,10 @@ bound the codes are measured against.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.code_spread import code_spread
 from model.metrics import retrieval_metrics
 from model.opqn import OPQN
 from model.scoring import lut_scores
@@ -31,17 +31,20 @@ def embed(model: OPQN, images: torch.Tensor, batch_size: int = 512) -> torch.Ten
 
 @torch.no_grad()
 def evaluate_retrieval(model: OPQN, queries, database, ts=(1, 5, 10, 20, 50, 100)) -> dict:
-    """Quantized (codes + query tables) and float-feature metrics on FaceSet-like inputs."""
+    """Quantized (codes + query tables) and float-feature metrics on FaceSet-like inputs, with the
+    database codes' spread (``model.code_spread``; ``largest_bucket`` and ``code_entropy_bits``
+    also at the top level)."""
     xq, xd = embed(model, queries.images), embed(model, database.images)
     scores = lut_scores(model.tables_from_features(xq), model.codes_from_features(xd))
     quant = retrieval_metrics(scores.numpy(), queries.labels, database.labels, ts)
     cos = F.normalize(xq, dim=1) @ F.normalize(xd, dim=1).T
     flt = retrieval_metrics(cos.numpy(), queries.labels, database.labels, ts)
-    codes = model.codes_from_features(xd).long()
-    used = float(np.mean([len(torch.unique(codes[:, m])) for m in range(codes.shape[1])]))
+    spread = code_spread(model.codes_from_features(xd).numpy(), model.cfg.K)  # database codes: a sink code?
     return {
         "map": quant["map"], "p5": quant["precision_at"].get(5), "precision_at": quant["precision_at"],
         "map_float": flt["map"], "p5_float": flt["precision_at"].get(5),
         "queries": quant["queries"], "database": quant["database"],
-        "codewords_used_per_subspace": used, "pr": quant["pr"], "pr_float": flt["pr"],
+        "codewords_used_per_subspace": spread["codewords_used_mean"], "pr": quant["pr"], "pr_float": flt["pr"],
+        "largest_bucket": spread["largest_bucket"], "code_entropy_bits": spread["code_entropy_bits"],
+        "code_spread": spread,
     }

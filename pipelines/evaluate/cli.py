@@ -30,7 +30,9 @@ def register(subparsers) -> None:
         description="Encode the database split with the model's compact codes, query it with the query split, and "
                     "write metrics.json, pr.png, precision_at.png and report.md to REPORT_DIR. DATASET is an "
                     "identity-folder image directory or a face-shard dataset (<dataset>/faces/part-*.parquet). "
-                    "Ties are broken by database index ascending.")
+                    "Ties are broken by database index ascending. The report also gives the database codes' "
+                    "spread (largest code bucket, distinct codes, codewords used, entropy) and warns when one "
+                    "code holds more than 2% of a database of >= 300 faces (10% of a smaller one).")
     p.add_argument("model_url", metavar="MODEL_URL", help="checkpoint (path, file:// or s3:// URL); several, "
                    "comma-separated, are evaluated on the same split and drawn on the same plots")
     p.add_argument("dataset", metavar="DATASET", help="identity folder or face-shard dataset")
@@ -71,11 +73,16 @@ def run_evaluate(args) -> int:
         if args.json:
             print(json.dumps({"model_url": r["model_url"], "method": r["method"], "bits": r["bits"], "map": q["map"],
                               "precision_at": q["precision_at"], "map_float": f["map"],
-                              "precision_at_float": f["precision_at"], "queries": q["queries"], "database": q["database"]}))
+                              "precision_at_float": f["precision_at"], "queries": q["queries"], "database": q["database"],
+                              "largest_bucket": r["code_spread"]["largest_bucket"],
+                              "code_entropy_bits": r["code_spread"]["code_entropy_bits"],
+                              "codewords_used_mean": r["code_spread"]["codewords_used_mean"],
+                              "warnings": r["warnings"]}))
         p = q["precision_at"]
         print(f"{r['label']} {r['bits']} bit, {args.protocol}-domain, {q['queries']} queries x {q['database']} database: "
               f"mAP {q['map']:.4f}  " + "  ".join(f"P@{t} {p[t]:.4f}" for t in list(p)[:3])
-              + f"  (float features mAP {f['map']:.4f})")
+              + f"  (float features mAP {f['map']:.4f}); largest code bucket "
+              f"{100 * r['code_spread']['largest_bucket']:.1f}% of the database")
     print(f"report in {args.report_dir} ({format_seconds(out['context']['seconds'])})")
     return 0
 

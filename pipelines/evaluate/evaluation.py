@@ -1,17 +1,27 @@
-"""Evaluate a trained model of any method on a query/database split and write a report."""
+"""Evaluate a trained model of any method on a query/database split and write a report.
+
+Besides mAP and P@T, every evaluation measures the spread of the database codes
+(``model.code_spread``: largest code bucket, distinct codes, codewords used, entropy) and
+warns when one code holds too much of the database (a collapsed head, "sink code"), since
+codes-only retrieval cannot rank faces that share a code.
+"""
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 import torch.nn.functional as F
 
+from model.code_spread import code_spread, sink_warning
 from model.metrics import retrieval_metrics
 from pipelines.evaluate.methods import Method, code_bits, load_model, method_of, quantized_scores
 from pipelines.evaluate.protocols import EvalSplit, check_split, is_shard_dataset, load_split
 from pipelines.evaluate.report import write_report
 from pipelines.image_folder import FaceSet
 from pipelines.retrieval import embed
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TS = (1, 5, 10, 20, 50, 100, 200, 500)
 
@@ -22,8 +32,11 @@ def evaluate_model(model: torch.nn.Module, queries: FaceSet, database: FaceSet, 
     """Compact-code retrieval metrics and the float-feature upper bound of the same model.
 
     Returns ``{"method", "label", "bits", "ranking", "quantized": metrics, "float": metrics,
-    "codewords_used"}`` where metrics are ``model.metrics.retrieval_metrics`` dicts (mAP over
-    the full ranking, P@T, PR curve; ties by database index ascending).
+    "distinct_database_codes", "code_spread", "warnings"}`` where metrics are
+    ``model.metrics.retrieval_metrics`` dicts (mAP over the full ranking, P@T, PR curve; ties by
+    database index ascending), ``code_spread`` is ``model.code_spread.code_spread`` of the
+    database codes (K = 2 for DCDH's sign bits) and ``warnings`` holds the sink-code warning
+    (``model.code_spread.sink_warning``) when one code holds too much of the database.
     """
     check_split(queries, database)
     method = method or method_of(model)
@@ -33,9 +46,11 @@ def evaluate_model(model: torch.nn.Module, queries: FaceSet, database: FaceSet, 
     quant = retrieval_metrics(scores, queries.labels, database.labels, ts, pr_points=pr_points)
     cos = (F.normalize(xq, dim=1) @ F.normalize(xd, dim=1).T).numpy()
     flt = retrieval_metrics(cos, queries.labels, database.labels, ts, pr_points=pr_points)
-    distinct = int(torch.unique(codes, dim=0).shape[0]) if len(codes) else 0
+    spread = code_spread(codes.numpy(), getattr(model.cfg, "K", 2))
+    warning = sink_warning(spread)
     return {"method": method.name, "label": method.label, "bits": code_bits(model), "ranking": method.ranking,
-            "quantized": quant, "float": flt, "distinct_database_codes": distinct}
+            "quantized": quant, "float": flt, "distinct_database_codes": spread["distinct_codes"],
+            "code_spread": spread, "warnings": [warning] if warning else []}
 
 
 def stored_size_for(state: dict, image_size: int) -> int:
@@ -85,6 +100,8 @@ def evaluate_url(model_url: str | list[str], dataset: str, report_dir: str | Non
     results = []
     for url, (m, mt, st) in zip(urls, loaded):
         r = evaluate_model(m, split.queries, split.database, ts, mt)
+        for warning in r["warnings"]:
+            log.warning("%s: %s", url, warning)
         results.append({**r, "model_url": url, "model_id": st.get("model_id")})
     first = results[0]
     title = (f"{meth.label} {first['bits']} bit" if len(results) == 1 else f"{len(results)} models") + f", {protocol}-domain"

@@ -88,6 +88,7 @@ def markdown(results: list[dict], context: dict, images: dict[str, str]) -> str:
         row += [f"{f['map']:.4f}" if f else "", _p(f, 5) if f else ""]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    lines += spread_lines(results)
     for r in results:
         if r.get("ranking"):
             lines.append(f"- {r['label']}: {r['ranking']}")
@@ -95,6 +96,28 @@ def markdown(results: list[dict], context: dict, images: dict[str, str]) -> str:
     for name, file in images.items():
         lines.append(f"![{name}]({file})")
     return "\n".join(lines) + "\n"
+
+
+def spread_lines(results: list[dict]) -> list[str]:
+    """The code-spread table (database codes, ``model.code_spread``) and any sink-code warnings,
+    for results that carry them."""
+    rows = [r for r in results if r.get("code_spread")]
+    if not rows:
+        return []
+    lines = ["## Code spread (database codes)", "",
+             "One code holding many faces (a sink) makes them indistinguishable to codes-only retrieval.", "",
+             "| method | largest bucket | faces in it | distinct codes | codewords used per subspace | "
+             "code entropy (bits) | subspace entropy (bits, mean) |", "|" + "---|" * 7]
+    for r in rows:
+        sp = r["code_spread"]
+        lines.append(f"| {r['label']} | {100 * sp['largest_bucket']:.1f}% of {sp['rows']} | "
+                     f"{sp['largest_bucket_rows']} | {sp['distinct_codes']} | "
+                     f"{', '.join(map(str, sp['codewords_used']))} of {sp['K']} (mean {sp['codewords_used_mean']:.1f}) | "
+                     f"{sp['code_entropy_bits']:.2f} | {sp['subspace_entropy_bits_mean']:.2f} |")
+    lines.append("")
+    for r in rows:
+        lines += [f"**{r['label']}: {w}**" for w in r.get("warnings", [])] + [""] * bool(r.get("warnings"))
+    return lines
 
 
 def _png(plot) -> bytes:
