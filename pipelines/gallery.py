@@ -9,20 +9,31 @@ face_id string, feature fixed-size list of D float16, the model's l2-normalised 
 feature shard pairs with the code shard of the same file name (``codes/part-X.parquet`` <->
 ``features/part-X.parquet``): same rows in the same order, listed in the same commit and
 removed together by compaction.
+``<gallery>/refine/part-*.parquet`` (only in a gallery encoded with ``--refine-bytes B``):
+face_id string, refine fixed-size list of B uint8, the face's refine code
+(``pipelines.refine``: a B-byte product quantizer over the same normalised feature), paired
+with its code shard exactly as feature shards are. ``<gallery>/quantizer/refine-<sha>.npz``:
+the refine quantizer (float32 arrays, no pickle), trained by the gallery's first encode and
+reused by every later one and by queries.
 ``<gallery>/manifest.json`` (storage.manifest) lists every kind of file; its metadata holds
 the format version, the model id, D, M, K, the codebook scheme, the source shards already
-encoded (the watermark for incremental runs) and, in a gallery with features only, a
-``features`` entry (``{"dtype": "float16", "normalized": true}``). A gallery is bound to one
-model id, and is either with or without features for its whole life.
+encoded (the watermark for incremental runs), in a gallery with features only a ``features``
+entry (``{"dtype": "float16", "normalized": true}``) and in a gallery with refine codes only a
+``refine`` entry (bytes, nbits, dim, transform, scoring, the quantizer file's path, size and
+sha256, the faces it was trained on). A gallery is bound to one model id, and is either with
+or without features, and with or without refine codes (of one size), for its whole life.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from storage import urls
+from pipelines.refine import NBITS, SCORING, TRANSFORM, RefineQuantizer
+from storage import files, urls
 from storage.manifest import FileEntry, read_manifest
 from storage.tables import iter_batches, read_table, write_table
 
@@ -31,9 +42,11 @@ FORMAT_VERSION = 1
 CODES_DIR = "codes"
 TOMBSTONES_DIR = "tombstones"
 FEATURES_DIR = "features"
+REFINE_DIR = "refine"
+QUANTIZER_DIR = "quantizer"
 FEATURES_META = {"dtype": "float16", "normalized": True}  # the manifest's "features" entry
-# Rows per Parquet row group of a feature shard: re-ranking reads only the row groups that hold
-# candidates, so a task holds at most this many features at once (8 MiB at D = 1024).
+# Rows per Parquet row group of a feature (or refine) shard: re-ranking reads only the row groups
+# that hold candidates, so a task holds at most this many features at once (8 MiB at D = 1024).
 FEATURE_ROW_GROUP = 4096
 
 
@@ -52,27 +65,64 @@ def feature_schema(D: int) -> pa.Schema:
     return pa.schema([("face_id", pa.string()), ("feature", pa.list_(pa.float16(), D))])
 
 
+def refine_schema(B: int) -> pa.Schema:
+    return pa.schema([("face_id", pa.string()), ("refine", pa.list_(pa.uint8(), B))])
+
+
+def paired_path(code_path: str, directory: str) -> str:
+    """The shard under ``directory`` that pairs with a code shard: the same file name."""
+    return f"{directory}/{code_path.rsplit('/', 1)[-1]}"
+
+
 def feature_path(code_path: str) -> str:
     """The feature shard that pairs with a code shard: same file name under features/."""
-    return f"{FEATURES_DIR}/{code_path.rsplit('/', 1)[-1]}"
+    return paired_path(code_path, FEATURES_DIR)
+
+
+def _list_table(face_ids: list[str], values: np.ndarray, column: str, schema: pa.Schema) -> pa.Table:
+    value_type = schema.field(column).type
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=value_type.value_type)
+    return pa.table({"face_id": pa.array(face_ids, pa.string()),
+                     column: pa.FixedSizeListArray.from_arrays(flat, value_type.list_size)}, schema=schema)
 
 
 def feature_table(face_ids: list[str], features, D: int) -> pa.Table:
     """A feature shard's table from face ids and (n, D) features (stored as float16)."""
-    flat = pa.array(np.ascontiguousarray(features, dtype=np.float16).reshape(-1), type=pa.float16())
-    return pa.table({"face_id": pa.array(face_ids, pa.string()),
-                     "feature": pa.FixedSizeListArray.from_arrays(flat, D)}, schema=feature_schema(D))
+    return _list_table(face_ids, np.asarray(features, dtype=np.float16), "feature", feature_schema(D))
+
+
+def refine_table(face_ids: list[str], codes, B: int) -> pa.Table:
+    """A refine shard's table from face ids and (n, B) uint8 refine codes."""
+    return _list_table(face_ids, np.asarray(codes, dtype=np.uint8), "refine", refine_schema(B))
+
+
+def list_matrix(table: pa.Table, column: str, size: int, value_types: tuple, what: str) -> np.ndarray:
+    """A fixed-size list column (codes, features, refine codes) of one of ``value_types`` as an
+    (N, size) array, checked; errors name ``what`` (the shard)."""
+    col = table.column(column).combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type) or col.type.list_size != size or col.type.value_type not in value_types:
+        raise ValueError(f"{what}: column {column} is {col.type}, expected a fixed-size list of {size} "
+                         f"{' or '.join(map(str, value_types))}")
+    if col.null_count:
+        raise ValueError(f"{what}: {col.null_count} rows have no {column}")
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), size)
 
 
 def feature_matrix(table: pa.Table, D: int, url: str) -> np.ndarray:
     """The ``feature`` column of (part of) a feature shard as an (N, D) float16 array, checked."""
-    col = table.column("feature").combine_chunks()
-    if not pa.types.is_fixed_size_list(col.type) or col.type.list_size != D or col.type.value_type != pa.float16():
-        raise ValueError(f"feature shard {url}: column feature is {col.type}, expected a fixed-size list of "
-                         f"{D} float16")
-    if col.null_count:
-        raise ValueError(f"feature shard {url}: {col.null_count} rows have no feature")
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), D)
+    return list_matrix(table, "feature", D, (pa.float16(),), f"feature shard {url}")
+
+
+def refine_matrix(table: pa.Table, B: int, url: str) -> np.ndarray:
+    """The ``refine`` column of (part of) a refine shard as an (N, B) uint8 array, checked."""
+    return list_matrix(table, "refine", B, (pa.uint8(),), f"refine shard {url}")
+
+
+def read_codes(url: str, M: int, storage_options: dict | None = None) -> tuple[pa.Array, np.ndarray]:
+    """(face_id array, codes (N, M) uint8/uint16) of one code shard."""
+    table = read_table(url, columns=["face_id", "codes"], storage_options=storage_options)
+    codes = list_matrix(table, "codes", M, (pa.uint8(), pa.uint16()), f"code shard {url}")
+    return table.column("face_id").combine_chunks(), codes
 
 
 def read_features(url: str, D: int, storage_options: dict | None = None) -> tuple[pa.Array, np.ndarray]:
@@ -81,16 +131,45 @@ def read_features(url: str, D: int, storage_options: dict | None = None) -> tupl
     return table.column("face_id").combine_chunks(), feature_matrix(table, D, url)
 
 
-def write_feature_shard(gallery_url: str, code_entry: FileEntry, table: pa.Table,
-                        storage_options: dict | None = None) -> FileEntry:
-    """Write the feature shard paired with ``code_entry`` (not listed until committed)."""
+def read_refine(url: str, B: int, storage_options: dict | None = None) -> tuple[pa.Array, np.ndarray]:
+    """(face_id array, refine codes (N, B) uint8) of one refine shard."""
+    table = read_table(url, columns=["face_id", "refine"], storage_options=storage_options)
+    return table.column("face_id").combine_chunks(), refine_matrix(table, B, url)
+
+
+def live_rows(face_ids: pa.Array, deleted: pa.Array | None) -> np.ndarray | None:
+    """Indices of the rows not tombstoned, or None when every row is live."""
+    if deleted is None or not len(deleted):
+        return None
+    live = np.asarray(pc.invert(pc.is_in(face_ids, value_set=deleted)).fill_null(True))
+    return None if live.all() else np.flatnonzero(live)
+
+
+def write_paired_shard(gallery_url: str, code_entry: FileEntry, table: pa.Table, directory: str,
+                       storage_options: dict | None = None) -> FileEntry:
+    """Write the shard under ``directory`` (features/, refine/) paired with ``code_entry``, in row
+    groups of FEATURE_ROW_GROUP rows (not listed until committed)."""
     if table.num_rows != code_entry.rows:
-        raise ValueError(f"feature shard for {code_entry.path} has {table.num_rows} rows, the code shard "
+        raise ValueError(f"{directory} shard for {code_entry.path} has {table.num_rows} rows, the code shard "
                          f"{code_entry.rows}")
-    path = feature_path(code_entry.path)
+    path = paired_path(code_entry.path, directory)
     written = write_table(urls.join(gallery_url, path), table, table.schema, storage_options, exclusive=True,
                           row_group_size=FEATURE_ROW_GROUP)
     return FileEntry(path=path, rows=written.rows, size=written.size, sha256=written.sha256)
+
+
+def write_quantizer(gallery_url: str, quantizer: RefineQuantizer, trained_on: int,
+                    storage_options: dict | None = None) -> tuple[FileEntry, dict]:
+    """Write the refine quantizer under quantizer/ (named by its content hash, so a re-run that
+    trains the same quantizer writes the same file); returns its manifest entry (to list in the
+    gallery's first commit with refine codes) and the manifest's ``refine`` entry."""
+    data = quantizer.to_bytes()
+    path = f"{QUANTIZER_DIR}/refine-{hashlib.sha256(data).hexdigest()[:16]}.npz"
+    size, sha = files.write_bytes_atomic(urls.join(gallery_url, path), data, storage_options)
+    entry = FileEntry(path=path, rows=0, size=size, sha256=sha)
+    meta = {"bytes": quantizer.bytes, "nbits": NBITS, "dim": quantizer.dim, "transform": TRANSFORM,
+            "scoring": SCORING, "trained_on": int(trained_on), "quantizer": entry.to_dict()}
+    return entry, meta
 
 
 @dataclass(frozen=True)
@@ -107,6 +186,8 @@ class Gallery:
     generation: int = 0
     features: tuple[FileEntry, ...] = ()  # feature shards, in the order of their code shards
     feature_meta: dict | None = None  # the manifest's "features" entry; None: codes only
+    refine: tuple[FileEntry, ...] = ()  # refine shards, in the order of their code shards
+    refine_meta: dict | None = None  # the manifest's "refine" entry; None: no refine codes
 
     @property
     def rows(self) -> int:
@@ -122,6 +203,31 @@ class Gallery:
     def feature_urls(self) -> list[str]:
         """URLs of the feature shards, one per code shard in the same order (empty without features)."""
         return [urls.join(self.url, f.path) for f in self.features]
+
+    @property
+    def has_refine(self) -> bool:
+        return self.refine_meta is not None
+
+    @property
+    def refine_bytes(self) -> int:
+        return int(self.refine_meta["bytes"]) if self.refine_meta is not None else 0
+
+    def refine_urls(self) -> list[str]:
+        """URLs of the refine shards, one per code shard in the same order (empty without refine codes)."""
+        return [urls.join(self.url, f.path) for f in self.refine]
+
+    def check_refine(self, refine_bytes: int) -> None:
+        """Refuse an encode whose refine setting differs from the gallery's (first encode's)."""
+        if refine_bytes == self.refine_bytes:
+            return
+        if not self.has_refine:
+            raise ValueError(f"gallery {self.url} was encoded without refine codes; encoding into it with "
+                             f"--refine-bytes {refine_bytes} would leave some faces without one: encode into a new "
+                             f"gallery, or encode without --refine-bytes")
+        raise ValueError(f"gallery {self.url} stores {self.refine_bytes}-byte refine codes; encoding into it with "
+                         f"--refine-bytes {refine_bytes} would mix {'no' if not refine_bytes else 'other'} refine "
+                         f"codes in: pass --refine-bytes {self.refine_bytes} (a gallery keeps the refine setting "
+                         f"of its first encode)")
 
     def check_features(self, store_features: bool) -> None:
         """Refuse to mix codes-only and with-features encodings in one gallery."""
@@ -145,12 +251,33 @@ class Gallery:
 
 
 def gallery_metadata(model_id: str, D: int, M: int, K: int, codebook_scheme: str, encoded_sources: dict,
-                     store_features: bool = False) -> dict:
+                     store_features: bool = False, refine: dict | None = None) -> dict:
     meta = {"kind": KIND, "format_version": FORMAT_VERSION, "model_id": model_id, "D": D, "M": M, "K": K,
             "codebook_scheme": codebook_scheme, "encoded_sources": encoded_sources}
     if store_features:  # codes-only galleries keep exactly the metadata they always had
         meta["features"] = dict(FEATURES_META)
+    if refine is not None:
+        meta["refine"] = dict(refine)
     return meta
+
+
+def _paired(url: str, shards: tuple[FileEntry, ...], listed_files, directory: str, meta: dict | None,
+            key: str) -> tuple[FileEntry, ...]:
+    """The shards under ``directory`` in the order of their code shards, checked one per code shard."""
+    listed = {f.path: f for f in listed_files if f.path.startswith(directory + "/")}
+    if meta is None:
+        if listed:
+            raise ValueError(f"gallery {url} lists {len(listed)} {directory} shards but its metadata has no "
+                             f"{key!r} entry")
+        return ()
+    missing = [s.path for s in shards if paired_path(s.path, directory) not in listed]
+    bad = [s.path for s in shards if paired_path(s.path, directory) in listed
+           and listed[paired_path(s.path, directory)].rows != s.rows]
+    if missing or bad or len(listed) != len(shards):
+        raise ValueError(f"gallery {url} is inconsistent: its {directory} shards do not pair with its code shards "
+                         f"(without a {directory} shard: {missing[:3]}, row counts differ: {bad[:3]}, "
+                         f"{len(listed)} {directory} vs {len(shards)} code shards)")
+    return tuple(listed[paired_path(s.path, directory)] for s in shards)
 
 
 def open_gallery(url: str, storage_options: dict | None = None) -> Gallery | None:
@@ -164,27 +291,21 @@ def open_gallery(url: str, storage_options: dict | None = None) -> Gallery | Non
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"gallery {url} has format version {meta.get('format_version')}, this opqn reads {FORMAT_VERSION}")
     shards = tuple(f for f in manifest.files if f.path.startswith(CODES_DIR + "/"))
-    listed = {f.path: f for f in manifest.files if f.path.startswith(FEATURES_DIR + "/")}
-    feature_meta = meta.get("features")
-    features: tuple[FileEntry, ...] = ()
-    if feature_meta is not None:
-        if feature_meta.get("dtype") != FEATURES_META["dtype"]:
-            raise ValueError(f"gallery {url} stores features as {feature_meta.get('dtype')!r}, this opqn reads "
-                             f"{FEATURES_META['dtype']!r}")
-        missing = [s.path for s in shards if feature_path(s.path) not in listed]
-        bad = [s.path for s in shards if feature_path(s.path) in listed and listed[feature_path(s.path)].rows != s.rows]
-        if missing or bad or len(listed) != len(shards):
-            raise ValueError(f"gallery {url} is inconsistent: its feature shards do not pair with its code shards "
-                             f"(without a feature shard: {missing[:3]}, row counts differ: {bad[:3]}, "
-                             f"{len(listed)} feature vs {len(shards)} code shards)")
-        features = tuple(listed[feature_path(s.path)] for s in shards)
-    elif listed:
-        raise ValueError(f"gallery {url} lists {len(listed)} feature shards but its metadata has no 'features' entry")
+    feature_meta, refine_meta = meta.get("features"), meta.get("refine")
+    if feature_meta is not None and feature_meta.get("dtype") != FEATURES_META["dtype"]:
+        raise ValueError(f"gallery {url} stores features as {feature_meta.get('dtype')!r}, this opqn reads "
+                         f"{FEATURES_META['dtype']!r}")
+    if refine_meta is not None and (refine_meta.get("nbits") != NBITS or not refine_meta.get("quantizer")):
+        raise ValueError(f"gallery {url} has a refine entry this opqn cannot read ({refine_meta.get('nbits')!r}-bit "
+                         f"codes, quantizer {refine_meta.get('quantizer')!r}); it reads {NBITS}-bit codes")
+    features = _paired(url, shards, manifest.files, FEATURES_DIR, feature_meta, "features")
+    refine = _paired(url, shards, manifest.files, REFINE_DIR, refine_meta, "refine")
     return Gallery(url=url, model_id=meta["model_id"], D=meta["D"], M=meta["M"], K=meta["K"],
                    codebook_scheme=meta["codebook_scheme"], shards=shards,
                    tombstones=tuple(f for f in manifest.files if f.path.startswith(TOMBSTONES_DIR + "/")),
                    encoded_sources=dict(meta.get("encoded_sources", {})), generation=manifest.generation,
-                   features=features, feature_meta=dict(feature_meta) if feature_meta is not None else None)
+                   features=features, feature_meta=dict(feature_meta) if feature_meta is not None else None,
+                   refine=refine, refine_meta=dict(refine_meta) if refine_meta is not None else None)
 
 
 def require_gallery(url: str, storage_options: dict | None = None) -> Gallery:
@@ -201,3 +322,25 @@ def deleted_ids(gallery: Gallery, storage_options: dict | None = None) -> set[st
         for batch in iter_batches(urls.join(gallery.url, entry.path), columns=["face_id"], storage_options=storage_options):
             out.update(batch.column(0).to_pylist())
     return out
+
+
+def read_quantizer(gallery_url: str, entry: dict, storage_options: dict | None = None) -> RefineQuantizer:
+    """The refine quantizer file named by a manifest entry (path, size, sha256), checked."""
+    url = urls.join(gallery_url, entry["path"])
+    data = files.read_all(url, storage_options)
+    if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"refine quantizer {url} does not match the gallery manifest (size {len(data)} vs "
+                         f"{entry['size']}, or another sha256): the gallery is damaged")
+    return RefineQuantizer.from_bytes(data, url)
+
+
+def load_quantizer(gallery: Gallery, storage_options: dict | None = None) -> RefineQuantizer:
+    """The gallery's refine quantizer, checked against the manifest (size, sha256, bytes, D)."""
+    if not gallery.has_refine:
+        raise ValueError(f"gallery {gallery.url} has no refine codes (encode it with --refine-bytes B)")
+    quantizer = read_quantizer(gallery.url, gallery.refine_meta["quantizer"], storage_options)
+    if quantizer.bytes != gallery.refine_bytes or quantizer.D != gallery.D:
+        url = urls.join(gallery.url, gallery.refine_meta["quantizer"]["path"])
+        raise ValueError(f"refine quantizer {url} makes {quantizer.bytes}-byte codes of D={quantizer.D} features, "
+                         f"the gallery manifest says {gallery.refine_bytes} bytes, D={gallery.D}")
+    return quantizer

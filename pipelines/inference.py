@@ -38,13 +38,19 @@ def tables_from_images(model: OPQN, images, size: int) -> torch.Tensor:
     return model.tables_from_features(features_from_images(model, images, size))
 
 
+def normalized_feature(x: torch.Tensor) -> np.ndarray:
+    """Features x (N, D) -> the l2-normalised float32 feature (evaluation's float upper bound
+    takes its cosine; refine codes quantize it)."""
+    return F.normalize(x.float(), dim=1).cpu().numpy()
+
+
 def stored_feature(x: torch.Tensor) -> np.ndarray:
     """Features x (N, D) -> what a gallery stores for re-ranking: l2-normalised, float16.
 
     The same vector evaluation's float upper bound uses (``F.normalize`` of the backbone
     feature), rounded to half precision to halve the bytes (2 * D bytes per face).
     """
-    return F.normalize(x.float(), dim=1).cpu().numpy().astype(np.float16)
+    return normalized_feature(x).astype(np.float16)
 
 
 def exact_cosine(queries: np.ndarray, stored: np.ndarray) -> np.ndarray:

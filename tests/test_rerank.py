@@ -24,7 +24,8 @@ from model.scoring import lut_scores
 from pipelines.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_state
 from pipelines.encode.maintenance import compact, delete_faces, info
 from pipelines.encode.run import EncodeConfig, encode_gallery
-from pipelines.gallery import FEATURE_ROW_GROUP, deleted_ids, feature_path, read_features, require_gallery
+from pipelines.gallery import (FEATURE_ROW_GROUP, deleted_ids, feature_path, load_quantizer, read_features,
+                               read_refine, require_gallery)
 from pipelines.inference import stored_size
 from pipelines.query.run import QueryConfig, load_queries, query_batch, query_inputs
 from pipelines.query.topk import read_codes
@@ -77,18 +78,26 @@ def gallery_codes_only(dataset, model_url, tmp_path_factory):
     return url
 
 
-def gallery_arrays(gallery_url):
-    """(face ids, codes (N, M), stored features (N, D) float16) in gallery order (shard, row)."""
+def paired_arrays(gallery_url, kind):
+    """(face ids, codes (N, M), paired rows) in gallery order (shard, row): ``kind`` "features"
+    (float16 (N, D)) or "refine" (uint8 (N, B)); each paired shard is checked row for row."""
     g = require_gallery(gallery_url)
-    ids, codes, feats = [], [], []
-    for code_url, feature_url in zip(g.shard_urls(), g.feature_urls(), strict=True):
+    paired_urls, read = ((g.feature_urls(), lambda u: read_features(u, g.D)) if kind == "features"
+                         else (g.refine_urls(), lambda u: read_refine(u, g.refine_bytes)))
+    ids, codes, rows = [], [], []
+    for code_url, paired_url in zip(g.shard_urls(), paired_urls, strict=True):
         fid, c = read_codes(code_url, g.M)
-        ffid, f = read_features(feature_url, g.D)
-        assert fid.equals(ffid), f"{feature_url} is not aligned with {code_url}"
+        pfid, r = read(paired_url)
+        assert fid.equals(pfid), f"{paired_url} is not aligned with {code_url}"
         ids += fid.to_pylist()
         codes.append(c)
-        feats.append(f)
-    return ids, np.concatenate(codes), np.concatenate(feats)
+        rows.append(r)
+    return ids, np.concatenate(codes), np.concatenate(rows)
+
+
+def gallery_arrays(gallery_url):
+    """(face ids, codes (N, M), stored features (N, D) float16) in gallery order (shard, row)."""
+    return paired_arrays(gallery_url, "features")
 
 
 def query_side(model_url, queries):
@@ -98,14 +107,19 @@ def query_side(model_url, queries):
     return ids, tables, x
 
 
-def brute_force(model_url, queries, gallery_url, k, R, deleted=()):
-    """PQ top-R (LUT score desc, position asc) re-scored by numpy cosine of the stored features,
-    then the top-k by (cosine desc, position asc)."""
+def brute_force(model_url, queries, gallery_url, k, R, deleted=(), kind="features"):
+    """PQ top-R (LUT score desc, position asc) re-scored in numpy by the dot product of the
+    normalised query feature with each candidate's stored vector: its normalised float16 feature
+    (the cosine), or with ``kind`` "refine" its refine code decoded by the gallery's quantizer;
+    then the top-k by (score desc, position asc)."""
     qids, tables, x = query_side(model_url, queries)
-    face_ids, codes, feats = gallery_arrays(gallery_url)
+    face_ids, codes, stored = paired_arrays(gallery_url, kind)
     pq_scores = lut_scores(torch.from_numpy(tables), torch.from_numpy(codes.astype(np.int64))).numpy()
-    f = feats.astype(np.float64)
-    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    if kind == "features":
+        f = stored.astype(np.float64)
+        f /= np.linalg.norm(f, axis=1, keepdims=True)
+    else:
+        f = load_quantizer(require_gallery(gallery_url)).decode(stored)  # (N, D) float64
     live = np.flatnonzero(~np.isin(np.asarray(face_ids), list(deleted)))
     rows = []
     for q, qid in enumerate(qids):
@@ -161,18 +175,27 @@ def test_rerank_is_the_exact_order_of_the_pq_candidates(dataset, model_url, gall
     assert pq_only["rerank"] == 0
     assert [r["face_id"] for r in read_table(str(tmp_path / "pq.parquet")).to_pylist()] != \
            [r["face_id"] for r in expected]
+    summary = assert_same_for_any_grouping(model_url, dataset, gallery_with_features, tmp_path, expected,
+                                           rerank=12)
+    assert summary["rerank"] == 12
+
+
+def assert_same_for_any_grouping(model_url, dataset, gallery, tmp_path, expected, **rerank):
+    """Top-5 queries re-ranked (``rerank``: ``rerank=R`` or ``refine=R``) with all shards in one
+    local task, one shard per task, and on Ray tasks: each equals ``expected``, and all are the
+    same file contents. Returns the last summary."""
     outputs = []
     runs = [dict(rows_per_task=10 ** 6, **LOCAL), dict(rows_per_task=1, **LOCAL),
             dict(rows_per_task=20, max_in_flight=2, progress_interval=0.0)]  # the last on Ray tasks
     for i, opts in enumerate(runs):
         out = tmp_path / f"r{i}.parquet"
-        summary = query_batch(model_url, gallery_with_features, str(dataset), str(out),
-                              QueryConfig(top_k=5, rerank=12, **opts))
-        assert summary["rerank"] == 12 and summary["result_rows"] == 8 * 5
+        summary = query_batch(model_url, gallery, str(dataset), str(out), QueryConfig(top_k=5, **rerank, **opts))
+        assert summary["result_rows"] == 8 * 5
         assert_same(out, expected)
         outputs.append(read_table(str(out)))
     assert summary["tasks"] > 1
     assert all(o.equals(outputs[0]) for o in outputs)
+    return summary
 
 
 def test_rerank_deeper_than_the_gallery_is_exact_float_search(dataset, model_url, gallery_with_features, tmp_path):
@@ -233,38 +256,51 @@ def test_mixing_codes_only_and_features_in_one_gallery_is_refused(dataset, model
     assert len(require_gallery(fresh).encoded_sources) == 1
 
 
-def test_delete_and_compact_keep_features_aligned_with_codes(dataset, model_url, gallery_with_features, tmp_path):
+def delete_and_compact(model_url, dataset, source, tmp_path, kind, brute, **rerank):
+    """Copy gallery ``source``, delete every third face, check a re-ranked query (``rerank``:
+    ``rerank=R`` or ``refine=R``) against ``brute``; compact, check that the paired ``kind``
+    shards ("features" or "refine") still hold their faces' rows, row for row, and query again.
+    Returns the compacted gallery."""
     gallery = str(tmp_path / "gallery")
-    shutil.copytree(gallery_with_features, gallery)
-    ids, _, feats = gallery_arrays(gallery)
-    before = dict(zip(ids, feats))
+    shutil.copytree(source, gallery)
+    ids, _, rows = paired_arrays(gallery, kind)
+    before = dict(zip(ids, rows))
     gone = sorted(ids)[::3]
     delete_faces(gallery, gone)
     out = tmp_path / "r.parquet"
-    query_batch(model_url, gallery, str(dataset), str(out), QueryConfig(top_k=6, rerank=15, **LOCAL))
+    cfg = QueryConfig(top_k=6, **rerank, **LOCAL)
+    query_batch(model_url, gallery, str(dataset), str(out), cfg)
     assert not set(gone) & set(read_table(str(out)).column("face_id").to_pylist())
-    assert_same(out, brute_force(model_url, str(dataset), gallery, k=6, R=15, deleted=gone))
+    assert_same(out, brute(model_url, str(dataset), gallery, k=6, R=cfg.depth, deleted=gone))
 
     result = compact(gallery)
     assert result["removed_faces"] == len(gone)
     g = require_gallery(gallery)
     assert not g.tombstones and not deleted_ids(g) and g.rows == 56 - len(gone)
     listed = [f.path for f in read_manifest(gallery).files]
-    assert sum(p.startswith("features/") for p in listed) == len(g.shards)  # old feature shards unlisted
+    assert sum(p.startswith(f"{kind}/") for p in listed) == len(g.shards)  # old paired shards unlisted
+    after_ids, _, after_rows = paired_arrays(gallery, kind)  # checks each pair row for row
+    assert set(after_ids) == set(ids) - set(gone)
+    for fid, r in zip(after_ids, after_rows):
+        np.testing.assert_array_equal(r, before[fid])
+    query_batch(model_url, gallery, str(dataset), str(out), cfg)
+    assert_same(out, brute(model_url, str(dataset), gallery, k=6, R=cfg.depth))
+    return gallery
+
+
+def test_delete_and_compact_keep_features_aligned_with_codes(dataset, model_url, gallery_with_features, tmp_path):
+    gallery = delete_and_compact(model_url, dataset, gallery_with_features, tmp_path, "features", brute_force,
+                                 rerank=15)
+    g = require_gallery(gallery)
     for code_url, feature_url in zip(g.shard_urls(), g.feature_urls(), strict=True):
         assert read_table(code_url, columns=["face_id"]).column(0).equals(
             read_table(feature_url, columns=["face_id"]).column(0))
         assert pq.ParquetFile(feature_url).metadata.row_group(0).num_rows <= FEATURE_ROW_GROUP
-    after_ids, _, after_feats = gallery_arrays(gallery)
-    assert set(after_ids) == set(ids) - set(gone)
-    for fid, f in zip(after_ids, after_feats):
-        np.testing.assert_array_equal(f, before[fid])
     assert info(gallery)["feature_bytes"] == sum(f.size for f in g.features)
-    query_batch(model_url, gallery, str(dataset), str(out), QueryConfig(top_k=6, rerank=15, **LOCAL))
-    assert_same(out, brute_force(model_url, str(dataset), gallery, k=6, R=15))
 
 
-def test_cli_switches_and_checkpoint_config_round_trip(tmp_path):
+def encode_query_parser() -> argparse.ArgumentParser:
+    """The `opqn encode` and `opqn query` argument parsers, as the command line builds them."""
     from pipelines.encode.cli import register as register_encode
     from pipelines.query.cli import register as register_query
 
@@ -272,6 +308,11 @@ def test_cli_switches_and_checkpoint_config_round_trip(tmp_path):
     sub = parser.add_subparsers()
     register_encode(sub)
     register_query(sub)
+    return parser
+
+
+def test_cli_switches_and_checkpoint_config_round_trip(tmp_path):
+    parser = encode_query_parser()
     assert config_from_args(EncodeConfig, parser.parse_args(["encode", "m", "d", "g", "--store-features"])).store_features
     assert not config_from_args(EncodeConfig, parser.parse_args(["encode", "m", "d", "g"])).store_features
     q = config_from_args(QueryConfig, parser.parse_args(["query", "m", "g", "q", "r", "--top-k", "10", "--rerank", "200"]))

@@ -1,8 +1,11 @@
 """Driver of gallery encoding: which source shards are new, Ray Data to encode them, commits.
 
 Work is committed in whole source shards: a source shard's code shard(s), with
-``store_features`` the paired feature shard(s) (``pipelines.gallery``), its rejects and its
-watermark entry (``encoded_sources``) go into the gallery manifest in the same atomic commit.
+``store_features`` the paired feature shard(s) and with ``refine_bytes`` the paired refine
+shard(s) (``pipelines.gallery``), its rejects and its watermark entry (``encoded_sources``) go
+into the gallery manifest in the same atomic commit. A gallery's refine quantizer is trained
+by its first encode with refine codes (``pipelines.encode.refine``) and listed in that run's
+commits, so no refine shard is ever listed without it.
 Source shards that finish close together share one commit (``commit_seconds``): every commit
 rewrites the manifest, so one commit per source shard made a gallery of many small shards
 quadratic (2,000 commits took 32 s of manifest writing, docs/results.md). A run killed at any
@@ -23,9 +26,10 @@ import pyarrow as pa
 
 from pipelines.checkpoint import load_checkpoint, require_opqn
 from pipelines.encode.encoder import Encoder
+from pipelines.encode.refine import RefineSetup, prepare_refine
 from pipelines.faces import arrow_filesystem, face_shards, read_face_columns
-from pipelines.gallery import (CODES_DIR, code_schema, feature_table, gallery_metadata, open_gallery,
-                               write_feature_shard)
+from pipelines.gallery import (CODES_DIR, FEATURES_DIR, REFINE_DIR, code_schema, feature_table, gallery_metadata,
+                               open_gallery, refine_table, write_paired_shard)
 from pipelines.progress import Progress, format_seconds
 from storage.manifest import Manifest, commit, write_data_file
 
@@ -44,6 +48,12 @@ class EncodeConfig:
     # also store each face's l2-normalised float feature (float16, 2*D bytes a face) in
     # <gallery>/features/ for `opqn query --rerank`; fixed for a gallery by its first encode
     store_features: bool = False
+    # also store a refine code of B bytes per face (a product quantizer of the normalised float
+    # feature, pipelines.refine) in <gallery>/refine/ for `opqn query --refine`; 0: none. Fixed
+    # for a gallery by its first encode, which trains the quantizer on its first faces
+    refine_bytes: int = 0
+    refine_dim: int = 0  # dimension the feature is projected to before the refine PQ (0: min(4 B, D))
+    refine_sample: int = 50_000  # faces the refine quantizer is trained on (the first ones encoded)
     # finished source shards are committed together at most this often (seconds); 0 commits
     # each as soon as it is complete. Longer: fewer manifest rewrites, more redone after a crash
     commit_seconds: float = 10.0
@@ -61,6 +71,7 @@ def plan(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig):
     if gallery is not None:
         gallery.check_model(state["model_id"], c["D"], c["M"], c["K"])
         gallery.check_features(cfg.store_features)
+        gallery.check_refine(cfg.refine_bytes)
     done = gallery.encoded_sources if gallery else {}
     todo, stale = [], []
     for url, key, fingerprint in face_shards(dataset):
@@ -82,23 +93,25 @@ def plan(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig):
 
 def _write_source(gallery_url: str, state: dict, key: str, chunks: list[dict],
                   cfg: EncodeConfig) -> tuple[list, int, int]:
-    """Write one source shard's code (and feature) shards and rejects, not yet listed anywhere.
+    """Write one source shard's code (and feature, refine) shards and rejects, not yet listed anywhere.
 
     Returns the manifest entries to commit, the faces encoded and the faces rejected.
     """
     c = state["config"]
     schema = code_schema(c["M"], c["K"])
-    face_id = np.concatenate([ch["face_id"] for ch in chunks]) if chunks else np.array([], dtype=object)
-    identity = np.concatenate([ch["identity"] for ch in chunks]) if chunks else np.array([], dtype=object)
-    codes = np.concatenate([ch["codes"] for ch in chunks]) if chunks else np.zeros((0, c["M"]), dtype=np.uint8)
-    reject = np.concatenate([ch["reject"] for ch in chunks]) if chunks else np.array([], dtype=object)
+    face_id, identity, reject = (_column(chunks, name, (0,), object) for name in ("face_id", "identity", "reject"))
+    codes = _column(chunks, "codes", (0, c["M"]), np.uint8)
     ok = reject == ""
     order = np.argsort(face_id[ok], kind="stable")  # stable row order whatever the batch arrival order
     entries = []
     fid, ident, cds = face_id[ok][order], identity[ok][order], codes[ok][order]
+    paired = []  # (directory, rows in shard order, table builder) of each paired shard kind
     if cfg.store_features:
-        fts = (np.concatenate([ch["features"] for ch in chunks]) if chunks
-               else np.zeros((0, c["D"]), dtype=np.float16))[ok][order]
+        paired.append((FEATURES_DIR, _column(chunks, "features", (0, c["D"]), np.float16)[ok][order],
+                       lambda ids, rows: feature_table(ids, rows, c["D"])))
+    if cfg.refine_bytes:
+        paired.append((REFINE_DIR, _column(chunks, "refine", (0, cfg.refine_bytes), np.uint8)[ok][order],
+                       lambda ids, rows: refine_table(ids, rows, cfg.refine_bytes)))
     for start in range(0, len(fid), cfg.shard_rows):
         sl = slice(start, start + cfg.shard_rows)
         flat = pa.array(cds[sl].reshape(-1), type=schema.field("codes").type.value_type)
@@ -107,9 +120,8 @@ def _write_source(gallery_url: str, state: dict, key: str, chunks: list[dict],
                           "codes": pa.FixedSizeListArray.from_arrays(flat, c["M"])}, schema=schema)
         entry = write_data_file(gallery_url, table, subdir=CODES_DIR, schema=schema)
         entries.append(entry)
-        if cfg.store_features:  # the paired feature shard: same rows, same order, same commit
-            entries.append(write_feature_shard(gallery_url, entry,
-                                               feature_table(fid[sl].tolist(), fts[sl], c["D"])))
+        for directory, rows, make_table in paired:  # paired shards: same rows, same order, same commit
+            entries.append(write_paired_shard(gallery_url, entry, make_table(fid[sl].tolist(), rows[sl]), directory))
     if (~ok).any():
         rej = pa.table({"face_id": face_id[~ok].tolist(), "source": [key] * int((~ok).sum()),
                         "reason": reject[~ok].tolist()}, schema=REJECT_SCHEMA)
@@ -117,23 +129,32 @@ def _write_source(gallery_url: str, state: dict, key: str, chunks: list[dict],
     return entries, int(ok.sum()), int((~ok).sum())
 
 
-def _commit_sources(gallery_url: str, state: dict, written: list[tuple[str, str, list]], cfg: EncodeConfig) -> None:
+def _column(chunks: list[dict], name: str, empty_shape: tuple, dtype) -> np.ndarray:
+    return np.concatenate([ch[name] for ch in chunks]) if chunks else np.zeros(empty_shape, dtype=dtype)
+
+
+def _commit_sources(gallery_url: str, state: dict, written: list[tuple[str, str, list]], cfg: EncodeConfig,
+                    refine: RefineSetup | None = None) -> None:
     """List the written files of whole source shards, with their watermarks, in one atomic commit.
 
-    ``written``: (source key, fingerprint, manifest entries) per source shard.
+    ``written``: (source key, fingerprint, manifest entries) per source shard. ``refine``: the
+    run's refine quantizer, listed (with the manifest's ``refine`` entry) if not yet listed.
     """
     c = state["config"]
     meta = gallery_metadata(state["model_id"], c["D"], c["M"], c["K"], codebook_scheme(state), {},
-                            store_features=cfg.store_features)
+                            store_features=cfg.store_features, refine=refine.meta if refine else None)
 
     def change(current: Manifest) -> Manifest:
-        metadata = dict(current.metadata) if current.metadata else meta
+        metadata = dict(current.metadata) if current.metadata else dict(meta)
         if metadata.get("model_id") != state["model_id"]:
             raise ValueError(f"gallery {gallery_url} was encoded by model {metadata.get('model_id')} meanwhile")
         has_features = metadata.get("features") is not None
         if has_features != cfg.store_features:
             raise ValueError(f"gallery {gallery_url} was encoded {'with' if has_features else 'without'} float "
                              f"features meanwhile; a gallery is either with or without features")
+        if (metadata.get("refine") or {}).get("quantizer") != (refine.quantizer if refine else None):
+            raise ValueError(f"gallery {gallery_url} got {'another' if metadata.get('refine') else 'no'} refine "
+                             f"quantizer meanwhile (a concurrent encode); run encode again")
         sources = dict(metadata.get("encoded_sources", {}))
         added = []
         for key, fingerprint, entries in written:
@@ -143,6 +164,8 @@ def _commit_sources(gallery_url: str, state: dict, written: list[tuple[str, str,
             added += entries
         if len(sources) == len(metadata.get("encoded_sources", {})):
             return current
+        if refine is not None and refine.entry is not None and current.file(refine.quantizer["path"]) is None:
+            added.insert(0, refine.entry)  # the first commit with refine codes lists their quantizer
         metadata["encoded_sources"] = sources
         return replace(current, files=current.files + tuple(added), metadata=metadata)
 
@@ -168,7 +191,7 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
     skipped = len(gallery.encoded_sources) if gallery else 0
     summary = {"gallery": gallery_url, "model_id": state["model_id"], "sources_encoded": 0,
                "sources_skipped": skipped, "faces": 0, "rejected": 0, "code_shards_written": 0, "commits": 0,
-               "store_features": cfg.store_features}
+               "store_features": cfg.store_features, "refine_bytes": cfg.refine_bytes}
     if not todo:
         print(f"encode: nothing new in {dataset} for {gallery_url} ({skipped} source shard(s) already encoded)",
               file=out, flush=True)
@@ -177,6 +200,7 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
 
     from pipelines.train.run import init_ray
 
+    refine = prepare_refine(state, gallery, gallery_url, [url for url, _, _ in todo], cfg, out)
     init_ray()
     fingerprint = {key: fp for _, key, fp in todo}
     fs, _ = arrow_filesystem(todo[0][0])
@@ -197,17 +221,21 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
     ds = ds.select_columns(["face_id", "identity", "split", "image", "path"])
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"model_url": model_url, "splits": tuple(cfg.splits),
                                                         "threads": cfg.threads_per_actor, "use_gpu": cfg.use_gpu,
-                                                        "store_features": cfg.store_features},
+                                                        "store_features": cfg.store_features,
+                                                        "refine": {"gallery": gallery_url,
+                                                                   "quantizer": refine.quantizer} if refine else None},
                         batch_size=cfg.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=cfg.actors or _auto_actors(cfg)),
                         num_cpus=cfg.threads_per_actor, num_gpus=1 if cfg.use_gpu else 0)
     total = sum(expected.values())
     print(f"encode: {total} faces in {len(todo)} new source shard(s) of {dataset} -> {gallery_url} "
           f"(model {state['model_id']}, {skipped} source shard(s) already encoded"
-          f"{', with float16 features' if cfg.store_features else ''})", file=out, flush=True)
+          f"{', with float16 features' if cfg.store_features else ''}"
+          f"{f', with {cfg.refine_bytes}-byte refine codes' if cfg.refine_bytes else ''})", file=out, flush=True)
     progress = Progress(total, "faces", "encode", stream=out)
     buffers, received = defaultdict(list), defaultdict(int)
-    columns = ("face_id", "identity", "codes", "reject") + (("features",) if cfg.store_features else ())
+    columns = (("face_id", "identity", "codes", "reject") + (("features",) if cfg.store_features else ())
+               + (("refine",) if cfg.refine_bytes else ()))
 
     # Fault injection for crash tests: SIGKILL this process right after the N-th commit.
     kill_after = int(os.environ.get("OPQN_FAULT_KILL_AFTER_COMMITS", "0"))
@@ -217,7 +245,7 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
         nonlocal last_commit
         if not pending or (not force and time.monotonic() - last_commit < cfg.commit_seconds):
             return
-        _commit_sources(gallery_url, state, [(k, f, e) for k, f, e, _, _ in pending], cfg)
+        _commit_sources(gallery_url, state, [(k, f, e) for k, f, e, _, _ in pending], cfg, refine)
         for _, _, _, faces, rejected in pending:
             summary["sources_encoded"] += 1
             summary["faces"] += faces

@@ -18,7 +18,10 @@ def register(subparsers) -> None:
                     "row). Tombstoned faces never appear. RAY_ADDRESS runs the tasks on a cluster. "
                     "--rerank R (R >= --top-k; a gallery encoded with --store-features) keeps the PQ top-R and "
                     "returns the top-k of those re-scored by the exact cosine of the float features (score = "
-                    "that cosine; ties by gallery position).")
+                    "that cosine; ties by gallery position). --refine R does the same with the gallery's compact "
+                    "refine codes (a gallery encoded with --refine-bytes B; score = the inner product of the "
+                    "normalised query feature with the decoded refine vector); --rerank and --refine are "
+                    "alternatives.")
     p.add_argument("model_url", metavar="MODEL_URL", help="checkpoint that encoded the gallery (path, file://, s3://)")
     p.add_argument("gallery", metavar="GALLERY", help="gallery URL (code shards + manifest.json)")
     p.add_argument("queries", metavar="QUERIES",

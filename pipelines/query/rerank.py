@@ -1,4 +1,5 @@
-"""Exact re-rank: the PQ scan's top-R candidates re-scored by the cosine of float features.
+"""Re-rank: the PQ scan's top-R candidates re-scored by the cosine of float features (exact) or
+by a compact refine code.
 
 With ``QueryConfig.rerank = R`` (a gallery encoded with ``--store-features``):
 
@@ -22,34 +23,81 @@ feature; a task holds one row group of features at a time and computes scores in
 a plain ``top_k = R`` query. (The alternative, the driver fetching the features of the merged
 top-R, would read nearly every feature shard in one process, serially.) A task re-scores its
 own top-R, some of which lose the global merge: at most nq x R x D multiply-adds per task.
+
+With ``QueryConfig.refine = R`` (a gallery encoded with ``--refine-bytes B``) everything above
+holds with the refine shard in place of the feature shard and, in step 2, ``exact`` = the
+refine score ``dot(q, x_hat)``: the l2-normalised query feature with the candidate's decoded
+refine vector (``pipelines.refine.RefineQuantizer.pair_scores``, float64 rounded to float32).
+A ``Rescorer`` says which of the two a query uses; ``--rerank`` and ``--refine`` are
+alternatives (asking for both is an error: the exact one is the better re-rank where the
+gallery has features, and chaining them is not built).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.gallery import feature_matrix
+from pipelines.gallery import feature_matrix, refine_matrix
 from pipelines.inference import exact_cosine
 from pipelines.query.topk import TOPK_SCHEMA, ShardTask, best_per_query, empty_topk
+from pipelines.refine import RefineQuantizer
 from storage.tables import open_parquet
 
 RERANK_SCHEMA = TOPK_SCHEMA.append(pa.field("exact", pa.float32()))
 PAIR_CHUNK = 2048  # (query, candidate) pairs scored at once: PAIR_CHUNK x D float64 per side (16 MiB at D=1024)
 
 
-def check_depth(top_k: int, rerank: int) -> int:
+def check_depth(top_k: int, rerank: int, name: str = "rerank") -> int:
     """The scan depth: R when re-ranking (R >= top_k required), else top_k."""
     if rerank < 0:
-        raise ValueError(f"rerank must be >= 0 (0: no re-rank), got {rerank}")
+        raise ValueError(f"{name} must be >= 0 (0: no re-rank), got {rerank}")
     if rerank and rerank < top_k:
-        raise ValueError(f"rerank R={rerank} must be >= top_k={top_k}: the exact re-rank picks the top-k "
+        raise ValueError(f"{name} R={rerank} must be >= top_k={top_k}: the re-rank picks the top-k "
                          f"from the PQ scan's top-R candidates")
     return rerank or top_k
 
 
-def attach_exact(best: pa.Table, shards: list[ShardTask], query_features: np.ndarray,
+@dataclass(frozen=True)
+class Rescorer:
+    """How scan tasks re-score their candidates: the column of the paired shard
+    (``ShardTask.rescore_url``) and the score of a (query, stored row) pair.
+
+    ``queries``: the query features (nq, D) for the exact cosine; for the refine code the
+    projected normalised queries (nq, dim) float64, with ``offsets`` (nq,) = dot(q, mean)."""
+
+    column: str  # "feature" (exact cosine) or "refine" (refine code)
+    queries: np.ndarray
+    offsets: np.ndarray | None = None
+    quantizer: RefineQuantizer | None = None
+
+    @classmethod
+    def exact(cls, query_features: np.ndarray) -> "Rescorer":
+        return cls("feature", np.asarray(query_features))
+
+    @classmethod
+    def refine(cls, quantizer: RefineQuantizer, query_features: np.ndarray) -> "Rescorer":
+        projected, offsets = quantizer.query_side(query_features)
+        return cls("refine", projected, offsets, quantizer)
+
+    def matrix(self, table: pa.Table, url: str) -> np.ndarray:
+        """The stored rows (features or refine codes) of a row group of a paired shard, checked."""
+        if self.quantizer is None:
+            return feature_matrix(table, self.queries.shape[1], url)
+        return refine_matrix(table, self.quantizer.bytes, url)
+
+    def scores(self, queries: np.ndarray, stored: np.ndarray) -> np.ndarray:
+        """float32 score of each (query index, stored row) pair, row by row."""
+        if self.quantizer is None:
+            return exact_cosine(self.queries[queries], stored)
+        return self.quantizer.pair_scores(self.queries[queries], self.offsets[queries], stored)
+
+
+def attach_exact(best: pa.Table, shards: list[ShardTask], rescorer: Rescorer,
                  storage_options: dict | None = None) -> pa.Table:
-    """``best`` (a top-k table over ``shards``) with the column ``exact`` (RERANK_SCHEMA)."""
+    """``best`` (a top-k table over ``shards``) with the column ``exact`` (RERANK_SCHEMA): each
+    candidate's re-rank score by ``rescorer``."""
     exact = np.full(best.num_rows, np.nan, np.float32)
     if best.num_rows:
         q_all = best.column("query").to_numpy()
@@ -59,40 +107,40 @@ def attach_exact(best: pa.Table, shards: list[ShardTask], query_features: np.nda
         by_index = {s.index: s for s in shards}
         for index in np.unique(shard_all):
             shard = by_index[int(index)]
-            if not shard.features_url:
-                raise ValueError(f"code shard {shard.url} has no feature shard: cannot re-rank")
+            if not shard.rescore_url:
+                raise ValueError(f"code shard {shard.url} has no paired {rescorer.column} shard: cannot re-rank")
             at = np.flatnonzero(shard_all == index)
             exact[at] = _shard_exact(shard, q_all[at], row_all[at], fid_all.take(pa.array(at)),
-                                     query_features, storage_options)
+                                     rescorer, storage_options)
     if np.isnan(exact).any():
         raise AssertionError("a candidate got no exact score")
     return best.append_column(RERANK_SCHEMA.field("exact"), pa.array(exact, pa.float32()))
 
 
 def _shard_exact(shard: ShardTask, queries: np.ndarray, rows: np.ndarray, face_ids: pa.Array,
-                 query_features: np.ndarray, storage_options: dict | None) -> np.ndarray:
-    """Exact scores of the (query, row) candidates of one shard, reading only their row groups."""
+                 rescorer: Rescorer, storage_options: dict | None) -> np.ndarray:
+    """Re-rank scores of the (query, row) candidates of one shard, reading only their row groups."""
     out = np.empty(len(rows), np.float32)
-    D = query_features.shape[1]
-    with open_parquet(shard.features_url, storage_options) as pf:
+    url = shard.rescore_url
+    with open_parquet(url, storage_options) as pf:
         sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
         starts = np.concatenate([[0], np.cumsum(sizes)])
         if starts[-1] != shard.rows:
-            raise ValueError(f"feature shard {shard.features_url} has {starts[-1]} rows, its code shard "
+            raise ValueError(f"{rescorer.column} shard {url} has {starts[-1]} rows, its code shard "
                              f"{shard.url} {shard.rows}")
         group_of = np.searchsorted(starts, rows, side="right") - 1
         for g in np.unique(group_of):
-            table = pf.read_row_group(int(g), columns=["face_id", "feature"])
-            feats = feature_matrix(table, D, shard.features_url)
+            table = pf.read_row_group(int(g), columns=["face_id", rescorer.column])
+            stored = rescorer.matrix(table, url)
             at = np.flatnonzero(group_of == g)
             local = rows[at] - starts[g]
             got = table.column("face_id").combine_chunks().take(pa.array(local))
             if not got.equals(face_ids.take(pa.array(at))):
-                raise ValueError(f"feature shard {shard.features_url} does not hold the faces of {shard.url} "
+                raise ValueError(f"{rescorer.column} shard {url} does not hold the faces of {shard.url} "
                                  f"row for row: the gallery is damaged")
             for c0 in range(0, len(at), PAIR_CHUNK):
                 sl = slice(c0, c0 + PAIR_CHUNK)
-                out[at[sl]] = exact_cosine(query_features[queries[at[sl]]], feats[local[sl]])
+                out[at[sl]] = rescorer.scores(queries[at[sl]], stored[local[sl]])
     return out
 
 

@@ -17,12 +17,15 @@
    ``--store-features``): the scan keeps the top-R by the LUT score, each task attaches the
    exact cosine of the query's float feature with the stored feature of its candidates, and
    the top-k of the global top-R by that cosine are returned (``pipelines.query.rerank``).
+   ``cfg.refine = R`` (a gallery encoded with ``--refine-bytes B``) does the same with the
+   gallery's compact refine codes in place of the float features (``pipelines.refine``);
+   the two are alternatives.
 5. Results (``RESULT_SCHEMA``), one Parquet file at ``results_url``: ``query_id, rank, face_id,
    score``; per query (in input order) rank 0 is the best; ordered by score desc, then the
    code's position in the gallery (shard index in manifest order, row in the shard), so ties
    are deterministic and the output is the same for any shard grouping, task count or
    re-sharding that keeps the codes' global order. With re-rank, ``score`` is the exact cosine
-   and the same order (cosine desc, then gallery position) applies.
+   (with refine: the refine score) and the same order (score desc, then gallery position) applies.
 """
 from __future__ import annotations
 
@@ -36,11 +39,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.checkpoint import load_checkpoint, model_from_checkpoint, require_opqn
-from pipelines.gallery import deleted_ids, require_gallery
+from pipelines.gallery import deleted_ids, load_quantizer, require_gallery
 from pipelines.inference import stored_size
 from pipelines.progress import Progress, format_seconds
 from pipelines.query.kernels import KERNELS, check_kernel, choose_kernel
-from pipelines.query.rerank import check_depth, rerank_topk
+from pipelines.query.rerank import Rescorer, check_depth, rerank_topk
 from pipelines.query.topk import ShardTask, empty_topk, group_shards, merge_topk, scan_shards
 from storage import urls
 from storage.tables import write_table
@@ -68,17 +71,29 @@ class QueryConfig:
     # exact re-rank: keep the PQ top-R (R >= top_k), re-score them by the cosine of the float
     # features (gallery encoded with --store-features), return the top-k of those; 0: off
     rerank: int = 0
+    # compact re-rank: the same with the gallery's refine codes (encoded with --refine-bytes B)
+    # in place of the float features; an alternative to rerank (not both); 0: off
+    refine: int = 0
 
     def __post_init__(self):
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         check_depth(self.top_k, self.rerank)
+        check_depth(self.top_k, self.refine, "refine")
+        if self.rerank and self.refine:
+            raise ValueError(f"rerank={self.rerank} and refine={self.refine} are alternatives: re-rank by the exact "
+                             f"float features (--rerank) or by the compact refine codes (--refine), not both")
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown kernel {self.kernel!r}; choose from {KERNELS}")
         if self.executor not in ("ray", "local"):
             raise ValueError(f"executor must be 'ray' or 'local', got {self.executor!r}")
         if self.rows_per_task < 1 or self.threads_per_task < 1 or self.max_in_flight < 0:
             raise ValueError("rows_per_task and threads_per_task must be >= 1, max_in_flight >= 0")
+
+    @property
+    def depth(self) -> int:
+        """PQ candidates kept per query: R when re-ranking (by features or refine codes), else top_k."""
+        return self.rerank or self.refine or self.top_k
 
 
 def load_queries(queries_url: str, split: str, size: int, crop_fraction: float = 1.0,
@@ -146,11 +161,11 @@ def _scan_task(*args):
 
 def scan_gallery(tables: np.ndarray, groups: list[list[ShardTask]], deleted: pa.Array, cfg: QueryConfig,
                  storage_options: dict | None, progress: Progress, nodes: set | None = None,
-                 query_features: np.ndarray | None = None):
+                 rescorer: Rescorer | None = None):
     """``scan_shards`` for every group (Ray tasks, at most ``max_in_flight`` submitted at once,
     or in this process), merged as results arrive; returns the global top-k table (top-R rows
-    with their ``exact`` column when ``query_features`` are given for a re-rank)."""
-    depth = check_depth(cfg.top_k, cfg.rerank)
+    with their ``exact`` column when a ``rescorer`` is given for a re-rank)."""
+    depth = cfg.depth
     best = empty_topk()
     done_codes = 0
 
@@ -163,7 +178,7 @@ def scan_gallery(tables: np.ndarray, groups: list[list[ShardTask]], deleted: pa.
     if cfg.executor == "local":
         for group in groups:
             best = merge_topk([best, scan_shards(tables, group, depth, deleted, cfg.kernel, storage_options,
-                                                 0, query_features)], depth)
+                                                 0, rescorer)], depth)
             report(group)
         return best
 
@@ -177,14 +192,14 @@ def scan_gallery(tables: np.ndarray, groups: list[list[ShardTask]], deleted: pa.
     remote = ray.remote(_scan_task).options(num_cpus=cfg.threads_per_task, num_gpus=cfg.gpus_per_task,
                                             max_retries=3, scheduling_strategy="SPREAD")
     tables_ref, deleted_ref = ray.put(tables), ray.put(deleted)
-    features_ref = ray.put(query_features) if query_features is not None else None
+    rescorer_ref = ray.put(rescorer) if rescorer is not None else None
     pending = list(reversed(groups))
     in_flight: dict = {}
     while pending or in_flight:
         while pending and len(in_flight) < max_in_flight:
             group = pending.pop()
             ref = remote.remote(tables_ref, group, depth, deleted_ref, cfg.kernel, storage_options,
-                                cfg.threads_per_task, features_ref)
+                                cfg.threads_per_task, rescorer_ref)
             in_flight[ref] = group
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         group = in_flight.pop(ready[0])
@@ -215,20 +230,29 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
         raise ValueError(f"gallery {gallery_url} has no stored float features, so it cannot be re-ranked "
                          f"(rerank={cfg.rerank}): encode the gallery with --store-features (into a new gallery: "
                          f"a gallery keeps the setting of its first encode), or query without --rerank")
+    if cfg.refine and not gallery.has_refine:
+        raise ValueError(f"gallery {gallery_url} has no refine codes, so it cannot be re-ranked with them "
+                         f"(refine={cfg.refine}): encode the gallery with --refine-bytes B (into a new gallery: a "
+                         f"gallery keeps the setting of its first encode), or query without --refine"
+                         f"{' (it stores float features: use --rerank)' if gallery.has_features else ''}")
+    quantizer = load_quantizer(gallery, storage_options) if cfg.refine else None
 
     query_ids, images = load_queries(queries_url, cfg.split, stored_size(state), cfg.crop_fraction,
                                      storage_options)
     tables, features = query_inputs(model, images, cfg.batch_size)
     nq = len(query_ids)
     deleted = pa.array(sorted(deleted_ids(gallery, storage_options)), pa.string())
-    feature_urls = gallery.feature_urls() if cfg.rerank else [None] * len(gallery.shards)
-    shards = [ShardTask(i, urls.join(gallery.url, s.path), s.rows, feature_urls[i])
+    paired = (gallery.feature_urls() if cfg.rerank else gallery.refine_urls() if cfg.refine
+              else [None] * len(gallery.shards))
+    shards = [ShardTask(i, urls.join(gallery.url, s.path), s.rows, paired[i])
               for i, s in enumerate(gallery.shards)]
     groups = group_shards(shards, cfg.rows_per_task, cfg.shards_per_task)
     kernel = choose_kernel(cfg.kernel, nq, mc.K)
     print(f"[query] {nq} queries, gallery {gallery_url}: {gallery.rows} codes in {len(shards)} shards "
           f"({len(groups)} tasks), {len(deleted)} deleted, top-{cfg.top_k}"
-          f"{f' of the exact re-rank of the PQ top-{cfg.rerank}' if cfg.rerank else ''}, kernel {kernel}, "
+          f"{f' of the exact re-rank of the PQ top-{cfg.rerank}' if cfg.rerank else ''}"
+          f"{f' of the {gallery.refine_bytes}-byte refine re-rank of the PQ top-{cfg.refine}' if cfg.refine else ''}"
+          f", kernel {kernel}, "
           f"executor {cfg.executor}",
           file=out, flush=True)
     if nq and cfg.executor == "ray":
@@ -242,9 +266,10 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
         best = empty_topk()
     else:
         progress = Progress(len(shards), "shards", "query", cfg.progress_interval, out)
-        best = scan_gallery(tables, groups, deleted, cfg, storage_options, progress, nodes,
-                            features if cfg.rerank else None)
-        if cfg.rerank:
+        rescorer = (Rescorer.exact(features) if cfg.rerank else Rescorer.refine(quantizer, features) if cfg.refine
+                    else None)
+        best = scan_gallery(tables, groups, deleted, cfg, storage_options, progress, nodes, rescorer)
+        if rescorer is not None:
             best = rerank_topk(best, cfg.top_k)
     scan_seconds = time.monotonic() - t_scan
     results = results_table(best, query_ids)
@@ -253,6 +278,7 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
     codes_per_s = gallery.rows / scan_seconds if nq and scan_seconds > 0 else 0.0
     summary = {"queries": nq, "gallery_codes": gallery.rows, "deleted": len(deleted), "shards": len(shards),
                "tasks": len(groups) if nq else 0, "nodes": len(nodes), "top_k": cfg.top_k, "rerank": cfg.rerank,
+               "refine": cfg.refine,
                "kernel": kernel,
                "result_rows": results.num_rows,
                "scan_seconds": round(scan_seconds, 3), "seconds": round(seconds, 3),

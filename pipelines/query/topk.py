@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from pipelines.gallery import live_rows, read_codes  # noqa: F401  (read_codes: re-exported for callers)
 from pipelines.query.kernels import topk as kernel_topk
-from storage.tables import read_table
 
 TOPK_SCHEMA = pa.schema([("query", pa.int32()), ("score", pa.float32()), ("shard", pa.int32()),
                          ("row", pa.int64()), ("face_id", pa.string())])
@@ -27,29 +26,17 @@ TOPK_SCHEMA = pa.schema([("query", pa.int32()), ("score", pa.float32()), ("shard
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One code shard to scan: its manifest position, URL and row count (and, in a gallery
-    with features, the URL of its paired feature shard, for the exact re-rank)."""
+    """One code shard to scan: its manifest position, URL and row count (and, when the query
+    re-ranks, the URL of its paired feature or refine shard: ``pipelines.query.rerank``)."""
 
     index: int
     url: str
     rows: int
-    features_url: str | None = None
+    rescore_url: str | None = None
 
 
 def empty_topk() -> pa.Table:
     return TOPK_SCHEMA.empty_table()
-
-
-def read_codes(url: str, M: int, storage_options: dict | None = None) -> tuple[pa.Array, np.ndarray]:
-    """(face_id array, codes (N, M) uint8/uint16) of one code shard."""
-    table = read_table(url, columns=["face_id", "codes"], storage_options=storage_options)
-    codes = table.column("codes").combine_chunks()
-    if not pa.types.is_fixed_size_list(codes.type) or codes.type.list_size != M:
-        raise ValueError(f"code shard {url}: column codes is {codes.type}, expected a fixed-size list of {M} codes")
-    if codes.null_count:
-        raise ValueError(f"code shard {url}: {codes.null_count} rows have no codes")
-    values = codes.flatten().to_numpy(zero_copy_only=False).reshape(len(codes), M)
-    return table.column("face_id").combine_chunks(), values
 
 
 def shard_topk(tables: np.ndarray, shard: ShardTask, k: int, deleted: pa.Array | None = None,
@@ -57,12 +44,9 @@ def shard_topk(tables: np.ndarray, shard: ShardTask, k: int, deleted: pa.Array |
     """Top-k of one code shard for every query, tombstoned faces left out."""
     M = tables.shape[1]
     face_ids, codes = read_codes(shard.url, M, storage_options)
-    rows = None
-    if deleted is not None and len(deleted):
-        live = np.asarray(pc.invert(pc.is_in(face_ids, value_set=deleted)).fill_null(True))
-        if not live.all():
-            rows = np.flatnonzero(live)
-            codes = codes[rows]
+    rows = live_rows(face_ids, deleted)
+    if rows is not None:
+        codes = codes[rows]
     scores, local = kernel_topk(tables, codes, k, kernel)
     nq, kk = scores.shape
     if kk == 0:
@@ -96,11 +80,11 @@ def merge_topk(parts: list[pa.Table], k: int) -> pa.Table:
 
 def scan_shards(tables: np.ndarray, shards: list[ShardTask], k: int, deleted: pa.Array | None = None,
                 kernel: str = "auto", storage_options: dict | None = None, threads: int = 0,
-                query_features: np.ndarray | None = None) -> pa.Table:
+                rescorer=None) -> pa.Table:
     """One task's work: each shard in turn (one in memory at a time), merged as it goes.
 
-    With ``query_features`` (nq, D) the task's top-k rows also get their exact re-rank score
-    (column ``exact``, see ``pipelines.query.rerank``), from the shards' feature files."""
+    With a ``rescorer`` (``pipelines.query.rerank.Rescorer``) the task's top-k rows also get
+    their re-rank score (column ``exact``), from the shards' paired feature or refine files."""
     if threads:
         import faiss
         import torch
@@ -110,10 +94,10 @@ def scan_shards(tables: np.ndarray, shards: list[ShardTask], k: int, deleted: pa
     best = empty_topk()
     for shard in shards:
         best = merge_topk([best, shard_topk(tables, shard, k, deleted, kernel, storage_options)], k)
-    if query_features is not None:
+    if rescorer is not None:
         from pipelines.query.rerank import attach_exact
 
-        best = attach_exact(best, shards, query_features, storage_options)
+        best = attach_exact(best, shards, rescorer, storage_options)
     return best
 
 
