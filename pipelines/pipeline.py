@@ -116,9 +116,12 @@ def evaluate(cfg: PipelineConfig, where: dict, out) -> dict:
     from pipelines.evaluate.evaluation import evaluate_url
 
     r = evaluate_url(where["model"], where["dataset"], where["report"], "single")["result"]
-    q, f = r["quantized"], r["float"]
+    q, f, spread = r["quantized"], r["float"], r.get("code_spread") or {}
+    for warning in r.get("warnings", []):
+        print(f"[pipeline] {warning}", file=out, flush=True)
     return {"map": q["map"], "p_at_5": q["precision_at"].get(5), "map_float": f["map"],
-            "queries": q["queries"], "database": q["database"], "report": where["report"]}
+            "queries": q["queries"], "database": q["database"], "largest_bucket": spread.get("largest_bucket"),
+            "codewords_used": spread.get("codewords_used_mean"), "report": where["report"]}
 
 
 def view(cfg: PipelineConfig, where: dict, out) -> dict:
@@ -151,7 +154,8 @@ def summary_line(results: dict, where: dict, seconds: float) -> str:
             f"faces ({p['rejected']} rejected this run); OPQN {t['epochs']} epochs on {t['faces']} faces of "
             f"{t['identities']} identities; gallery {e['gallery_codes']} faces x {e['bytes_per_code']} bytes; "
             f"{v['queries']} queries: mAP {v['map']:.4f}, P@5 {v['p_at_5']:.4f} (float features mAP "
-            f"{v['map_float']:.4f}). Report: {where['report']}/report.md  Viewer: {where['viewer']}")
+            f"{v['map_float']:.4f}); largest code bucket {v['largest_bucket']:.1%} of the gallery. "
+            f"Report: {where['report']}/report.md  Viewer: {where['viewer']}")
 
 
 def run_pipeline(cfg: PipelineConfig, out=None) -> dict:
