@@ -88,5 +88,9 @@ def restore_training(url: str, model: OPQN, optimizer, scheduler, classes: list[
                          f"use a new model URL or --no-resume")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    # progress from the checkpoint, plan from this run: a one-cycle schedule resumed towards more
+    # epochs follows the new run's cycle instead of stopping at the old run's last step
+    saved = state["scheduler"]
+    plan = scheduler.state_dict()
+    scheduler.load_state_dict({**plan, **{k: saved[k] for k in ("last_epoch", "_step_count", "_last_lr") if k in saved}})
     return state

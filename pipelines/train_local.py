@@ -38,7 +38,7 @@ class TrainConfig(Recipe):
     model_url: str = "runs/opqn-local/model.pt"
     # photo folders: centre square of each photo that holds the face (LFW deep-funneled faces
     # fill the centre ~0.44-0.5; 1.0 for tight crops). Face datasets hold aligned crops, used whole.
-    crop_fraction: float = 0.5
+    crop_fraction: float = 0.44
     min_photos: int = 10
     query_fraction: float = 0.2
     threads: int = 0  # torch threads; 0 leaves torch's default

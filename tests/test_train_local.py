@@ -30,8 +30,10 @@ def small_lfw(lfw_dir, tmp_path_factory):
 
 
 def tiny_config(data, model_url, **kw):
+    # the step schedule: its plan does not depend on the epoch count, so 1 epoch resumed to 3
+    # must equal 3 in one go (a one-cycle plan spans the whole run)
     base = dict(data=str(data), model_url=str(model_url), bits=16, codewords=16, dim=64, image_size=32,
-                width=0.125, epochs=2, batch_size=16, min_photos=2, threads=2)
+                width=0.125, epochs=2, batch_size=16, min_photos=2, threads=2, schedule="step")
     return TrainConfig(**{**base, **kw})
 
 
@@ -76,6 +78,15 @@ def test_checkpoint_round_trip_and_resume(small_lfw, tmp_path):
         torch.testing.assert_close(resumed["model"][key], value, msg=key)
     faces = load_face_set(list_identity_folder(small_lfw)[:4], 35, 0.5)
     assert embed(model_from_checkpoint(resumed), faces.images).shape == (4, 64)
+
+
+def test_one_cycle_resumed_to_more_epochs_follows_the_new_cycle(small_lfw, tmp_path):
+    url = tmp_path / "m.pt"
+    first = train_local(tiny_config(small_lfw, url, epochs=1, schedule="onecycle", batch_size=4), evaluate=False)
+    assert first["history"][-1]["lr"] < 0.01  # a one-epoch cycle ends low
+    second = train_local(tiny_config(small_lfw, url, epochs=3, schedule="onecycle", batch_size=4), evaluate=False)
+    assert [h["epoch"] for h in second["history"]] == [1, 2, 3]
+    assert second["history"][1]["lr"] > 0.02, "the resumed run should follow its own 3-epoch cycle"
 
 
 def test_resume_with_other_config_is_refused(small_lfw, tmp_path):
