@@ -18,6 +18,16 @@ Protocol (the cross-domain case of docs/opqn-method.md, issue 10):
   float16), ordered by (cosine desc, index), followed by the rest of the database in PQ order.
   This is computed in-process with numpy/torch using the query stage's own functions, not
   through Ray and Parquet (``tests/test_rerank.py`` checks the stage equals this computation).
+- Compact refine (``map_refine``): the PQ top-R (R = the largest ``--rerank``) re-scored by a
+  ``--refine-bytes`` B refine code (``pipelines.refine``: the quantizer trained, as encode trains
+  a gallery's, on the first 50,000 unseen database faces, seeded), scored as the query stage's
+  ``--refine`` scores (``pipelines.query.rerank.Rescorer``); ``refine_bytes`` = code bytes + B,
+  the whole budget per face (64 at 32 bit and B = 60).
+- Code spread (``largest_bucket``): the largest code bucket's share of the unseen database
+  (``model.code_spread``, as `opqn evaluate` reports it).
+- AT&T faces (``att_p5_pq``, ``att_p5_float``): P@5 of the codes and of the float features on
+  the 40 grey AT&T identities (``--att-queries`` queries each, the rest database, tight crops:
+  the cross-domain split of ``benchmarks/paper_tables.py``), with its ``att_largest_bucket``.
 - Bytes: extra bytes per face for the features (raw 2 x D, and a feature shard written as the
   encode stage writes it, zstd Parquet), beside the code bytes per face.
 - Time per query (batch of all queries, in this process, ``--threads`` threads): the PQ scan
@@ -26,10 +36,16 @@ Protocol (the cross-domain case of docs/opqn-method.md, issue 10):
   (``benchmarks/query_scan.py`` is).
 
 The last line is one JSON object: ``{"bits", "map_pq", "map_float", "map_rerank" (at the largest
-R, 1000 by default), "ratio" (map_pq / map_float), "rerank_ratio" (map_rerank / map_float),
-...}``.
+R, 1000 by default), "map_refine", "refine_bytes", "ratio" (map_pq / map_float), "rerank_ratio"
+(map_rerank / map_float), "refine_ratio" (map_refine / map_float), "largest_bucket",
+"att_p5_pq", "att_p5_float", ...}``.
+
+``--model-url URL``: a checkpoint already there is evaluated as it is (its own image size, width
+and crop; never retrained or overwritten; its training identities must not include the unseen
+ones); a missing one is trained with the flags and saved there.
 
     nice -n 10 .venv/bin/python benchmarks/unseen_quality.py --bits 32 --epochs 30 --width 0.5
+    nice -n 10 .venv/bin/python benchmarks/unseen_quality.py --model-url runs/x/model.pt   # evaluate only
     nice -n 10 .venv/bin/python benchmarks/unseen_quality.py --smoke     # a minute or two, checks it runs
 """
 from __future__ import annotations
@@ -40,7 +56,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -52,15 +67,17 @@ sys.path.insert(0, str(REPO))
 
 from model.metrics import retrieval_metrics  # noqa: E402
 from model.scoring import lut_scores  # noqa: E402
-from pipelines.checkpoint import checkpoint_exists, load_checkpoint  # noqa: E402
+from pipelines.checkpoint import checkpoint_exists, load_checkpoint, require_opqn  # noqa: E402
+from pipelines.encode.run import EncodeConfig  # noqa: E402
 from pipelines.evaluate.evaluation import evaluate_model  # noqa: E402
-from pipelines.evaluate.methods import METHODS, get_method, model_from_state, train_method  # noqa: E402
-from pipelines.evaluate.protocols import check_split, per_identity_split  # noqa: E402
+from pipelines.evaluate.methods import METHODS, get_method, method_of, model_from_state, train_method  # noqa: E402
+from pipelines.evaluate.protocols import check_split, load_split, per_identity_split  # noqa: E402
 from pipelines.gallery import FEATURE_ROW_GROUP, code_schema, feature_table  # noqa: E402
 from pipelines.image_folder import FaceSet, list_identity_folder, load_face_set  # noqa: E402
-from pipelines.inference import exact_cosine, stored_feature  # noqa: E402
+from pipelines.inference import normalized_feature, stored_feature, stored_size  # noqa: E402
 from pipelines.query.kernels import topk  # noqa: E402
-from pipelines.query.rerank import PAIR_CHUNK  # noqa: E402
+from pipelines.query.rerank import PAIR_CHUNK, Rescorer  # noqa: E402
+from pipelines.refine import train_quantizer  # noqa: E402
 from pipelines.retrieval import embed  # noqa: E402
 from pipelines.settings import data_root  # noqa: E402
 from pipelines.train_local import TrainConfig  # noqa: E402
@@ -104,6 +121,48 @@ def rerank_ranking(pq_scores: np.ndarray, rows: np.ndarray, exact: np.ndarray, M
     return out
 
 
+def rescore(rescorer: Rescorer, rows: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """Re-rank scores of every (query, candidate row) of ``rows`` (nq, R), in chunks of pairs as the
+    query stage scores them (nq x R x D float64 at once would not fit); ``stored``: the database's
+    stored vectors (float16 features or refine codes) by row."""
+    q_idx, r_idx = np.repeat(np.arange(rows.shape[0]), rows.shape[1]), rows.ravel()
+    out = np.empty(len(q_idx), np.float32)
+    for c0 in range(0, len(q_idx), PAIR_CHUNK):
+        sl = slice(c0, c0 + PAIR_CHUNK)
+        out[sl] = rescorer.scores(q_idx[sl], stored[r_idx[sl]])
+    return out.reshape(rows.shape)
+
+
+def get_model(args, cfg: TrainConfig, method, lfw: str, unseen_ids: set):
+    """(model, training set description, train seconds): the checkpoint at ``--model-url`` as it
+    is, or a model trained with ``cfg`` on LFW identities outside the unseen set (saved there)."""
+    if cfg.model_url and checkpoint_exists(cfg.model_url):
+        state = require_opqn(load_checkpoint(cfg.model_url), cfg.model_url)
+        model, _ = model_from_state(state)
+        seen = sorted(set(state.get("classes") or []) & unseen_ids)
+        if seen:
+            raise SystemExit(f"{cfg.model_url} was trained on {len(seen)} of the unseen identities (e.g. {seen[:3]}): "
+                             f"not a test on unseen people")
+        train = state.get("train") or {}
+        print(f"evaluating the existing checkpoint {cfg.model_url} as it is ({train.get('epochs', '?')} epochs, "
+              f"width {model.cfg.width}, {model.cfg.image_size}px; not training: pass another --model-url to train)",
+              file=sys.stderr, flush=True)
+        return model, {"train_identities": len(state.get("classes") or []), "train_faces": None,
+                       "epochs": state.get("epoch"), "model_id": state["model_id"]}, state.get("train_seconds")
+    train_items = [(i, p) for i, p in list_identity_folder(lfw, min_photos=args.min_train_photos)
+                   if i not in unseen_ids]
+    if args.smoke:
+        train_items = by_identity(train_items, SMOKE["train_ids"], SMOKE["train_photos"])
+    train_set = load_face_set(train_items, cfg.stored_size(), cfg.crop_fraction, threads=2)
+    train_ids = set(train_set.labels.tolist())
+    assert not train_ids & unseen_ids, "training and unseen identities overlap"
+    print(f"train: LFW identities with >= {args.min_train_photos} photos: {len(train_set)} faces of {len(train_ids)} "
+          f"identities, none of them unseen", file=sys.stderr, flush=True)
+    model, tinfo = train_method(method.name, cfg, train_set)
+    return model, {"train_identities": len(train_ids), "train_faces": len(train_set), "epochs": args.epochs}, \
+        round(tinfo["train_seconds"], 1)
+
+
 def timed(fn, repeats: int = 3):
     best, result = float("inf"), None
     for _ in range(repeats):
@@ -127,9 +186,17 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--min-train-photos", type=int, default=5)
     ap.add_argument("--rerank", default="100,1000", help="comma-separated R (PQ candidates re-scored exactly)")
+    ap.add_argument("--refine-bytes", type=int, default=60,
+                    help="B bytes of refine code per face (re-ranks the PQ top-R, R = the largest --rerank)")
+    ap.add_argument("--refine-dim", type=int, default=0, help="projection before the refine PQ (0: encode's default)")
+    ap.add_argument("--att-queries", type=int, default=2, help="AT&T queries per identity")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--model-url", default="", help="save the model here; reused when it holds this exact run")
+    ap.add_argument("--model-url", default="",
+                    help="an existing checkpoint is evaluated as it is (no training); a missing one is trained and "
+                         "saved here")
+    ap.add_argument("--crop-fraction", type=float, default=None,
+                    help="LFW centre crop (default: the model's training setting, 0.5 for a new model)")
     ap.add_argument("--smoke", action="store_true",
                     help=f"tiny run to check the script: {SMOKE['train_ids']} training and {SMOKE['unseen_ids']} "
                          f"unseen identities, {SMOKE['epochs']} epoch, width {SMOKE['width']}")
@@ -149,34 +216,21 @@ def main(argv=None) -> int:
     cfg = TrainConfig(data=lfw, model_url=args.model_url, bits=args.bits, codewords=args.codewords, dim=args.dim,
                       width=args.width, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
                       threads=args.threads, seed=args.seed, min_photos=args.min_train_photos, resume=False)
-    stored = cfg.stored_size()
-    queries, database = unseen_split(lfw, stored, cfg.crop_fraction, SMOKE["unseen_ids"] if args.smoke else 0,
-                                     args.seed)
+    existing = load_checkpoint(cfg.model_url) if cfg.model_url and checkpoint_exists(cfg.model_url) else None
+    # faces are loaded as the model was trained: its stored size (image size x enlarge) and crop
+    stored = stored_size(existing) if existing else cfg.stored_size()
+    crop = args.crop_fraction or float((existing or {}).get("train", {}).get("crop_fraction", cfg.crop_fraction))
+    queries, database = unseen_split(lfw, stored, crop, SMOKE["unseen_ids"] if args.smoke else 0, args.seed)
     unseen_ids = set(queries.labels.tolist()) | set(database.labels.tolist())
-    train_items = [(i, p) for i, p in list_identity_folder(lfw, min_photos=args.min_train_photos)
-                   if i not in unseen_ids]
-    if args.smoke:
-        train_items = by_identity(train_items, SMOKE["train_ids"], SMOKE["train_photos"])
-    train_set = load_face_set(train_items, stored, cfg.crop_fraction, threads=2)
-    train_ids = set(train_set.labels.tolist())
-    assert not train_ids & unseen_ids, "training and unseen identities overlap"
-    print(f"train: LFW identities with >= {args.min_train_photos} photos: {len(train_set)} faces of {len(train_ids)} "
-          f"identities; unseen: LFW identities with 2-4 photos: {len(queries)} queries x {len(database)} database "
-          f"({len(unseen_ids)} identities, none seen in training)", file=sys.stderr, flush=True)
-
-    state = load_checkpoint(cfg.model_url) if cfg.model_url and checkpoint_exists(cfg.model_url) else None
-    if state is not None and state.get("train") == asdict(cfg) and state.get("method") == method.name \
-            and state.get("epoch") == args.epochs:
-        model, _ = model_from_state(state)
-        train_seconds = state.get("train_seconds")
-        print(f"reusing {cfg.model_url}", file=sys.stderr)
-    else:
-        model, tinfo = train_method(method.name, cfg, train_set)
-        train_seconds = round(tinfo["train_seconds"], 1)
+    print(f"unseen: LFW identities with 2-4 photos: {len(queries)} queries x {len(database)} database "
+          f"({len(unseen_ids)} identities)", file=sys.stderr, flush=True)
+    model, trained, train_seconds = get_model(args, cfg, method, lfw, unseen_ids)
     model.eval()
+    method = method_of(model)
     M, K, D = model.cfg.M, model.cfg.K, model.cfg.D
+    code_bytes = M * (1 if K <= 256 else 2)
 
-    # PQ and float mAP exactly as `opqn evaluate` computes them
+    # PQ and float mAP exactly as `opqn evaluate` computes them, with the database codes' spread
     ev = evaluate_model(model, queries, database)
     map_pq, map_float = ev["quantized"]["map"], ev["float"]["map"]
 
@@ -186,28 +240,43 @@ def main(argv=None) -> int:
         tables = model.tables_from_features(xq).numpy().astype(np.float32)
         codes = model.codes_from_features(xd).numpy()
     feats = stored_feature(xd)
-    xq = xq.numpy()
+    # the refine quantizer, trained as encode trains a gallery's: on its first faces, seeded
+    t_q = time.monotonic()
+    quantizer = train_quantizer(normalized_feature(xd)[:EncodeConfig.refine_sample], args.refine_bytes,
+                                args.refine_dim)
+    refine_train_s = time.monotonic() - t_q
+    refine_codes = quantizer.encode(normalized_feature(xd))
+    exact, refine = Rescorer.exact(xq.numpy()), Rescorer.refine(quantizer, xq.numpy())
     nq, N = len(queries), len(database)
     pq_scores = lut_scores(torch.from_numpy(tables), torch.from_numpy(codes.astype(np.int64))).numpy()
     results = {}
     for R in Rs:
         scan_s, (_, rows) = timed(lambda: topk(tables, codes, R, kernel="auto"))
-
-        def rescore():  # in chunks of pairs, as the query stage does: nq x R x D float64 would not fit
-            q_idx, r_idx = np.repeat(np.arange(nq), rows.shape[1]), rows.ravel()
-            out = np.empty(len(q_idx), np.float32)
-            for c0 in range(0, len(q_idx), PAIR_CHUNK):
-                sl = slice(c0, c0 + PAIR_CHUNK)
-                out[sl] = exact_cosine(xq[q_idx[sl]], feats[r_idx[sl]])
-            return out.reshape(rows.shape)
-
-        rerank_s, exact = timed(rescore)
-        m = retrieval_metrics(rerank_ranking(pq_scores, rows, exact, M), queries.labels, database.labels)
+        rerank_s, scores = timed(lambda: rescore(exact, rows, feats))
+        m = retrieval_metrics(rerank_ranking(pq_scores, rows, scores, M), queries.labels, database.labels)
         results[R] = {"map": m["map"], "candidates": int(rows.shape[1]),
                       "ms_per_query_scan": 1e3 * scan_s / nq, "ms_per_query_scan_rerank": 1e3 * (scan_s + rerank_s) / nq}
         print(f"re-rank R={R} ({rows.shape[1]} of {N} candidates): mAP {m['map']:.4f}; per query "
               f"{results[R]['ms_per_query_scan']:.3f} ms PQ scan to top-{R}, "
               f"{results[R]['ms_per_query_scan_rerank']:.3f} ms with the re-rank", file=sys.stderr, flush=True)
+    R_top = Rs[-1]
+    refine_s, scores = timed(lambda: rescore(refine, rows, refine_codes))  # rows: the PQ top-R_top
+    map_refine = retrieval_metrics(rerank_ranking(pq_scores, rows, scores, M), queries.labels,
+                                   database.labels)["map"]
+    print(f"refine R={R_top}: {args.refine_bytes}-byte refine code (PQ over a {quantizer.dim}-dim projection, trained "
+          f"on {min(N, EncodeConfig.refine_sample)} faces in {refine_train_s:.1f} s): mAP {map_refine:.4f}; "
+          f"{1e3 * refine_s / nq:.3f} ms per query for the refine scores", file=sys.stderr, flush=True)
+
+    # cross-domain: AT&T's grey, studio-lit faces (unseen identities), P@5 of codes and float features
+    att = load_split(str(data_root() / "att_faces"), "cross", stored, 1.0, min_photos=2,
+                     queries_per_identity=args.att_queries)
+    att_ev = evaluate_model(model, att.queries, att.database)
+    att_p5_pq, att_p5_float = att_ev["quantized"]["precision_at"][5], att_ev["float"]["precision_at"][5]
+    print(f"AT&T faces ({len(att.queries)} queries x {len(att.database)} database): P@5 codes {att_p5_pq:.4f}, "
+          f"float {att_p5_float:.4f}; largest code bucket {100 * att_ev['code_spread']['largest_bucket']:.1f}%",
+          file=sys.stderr, flush=True)
+    for warning in ev["warnings"] + att_ev["warnings"]:
+        print(warning, file=sys.stderr, flush=True)
 
     # bytes per face: features as the encode stage writes them, beside the codes
     with tempfile.TemporaryDirectory() as tmp:
@@ -220,28 +289,38 @@ def main(argv=None) -> int:
                                pa.array(codes.reshape(-1), schema.field("codes").type.value_type), M)}, schema=schema)
         csize = write_table(os.path.join(tmp, "codes.parquet"), ctable).size
 
-    R_top = Rs[-1]
     map_rerank = results[R_top]["map"]
-    print(f"{method.label} {args.bits} bit (M={M}, K={K}, D={D}), {args.image_size}px width {args.width}, "
-          f"{args.epochs} epochs: unseen mAP PQ {map_pq:.4f}, float {map_float:.4f}, "
+    largest_bucket = ev["code_spread"]["largest_bucket"]
+    print(f"{method.label} {int(round(model.cfg.bits))} bit (M={M}, K={K}, D={D}), {model.cfg.image_size}px width "
+          f"{model.cfg.width}: unseen mAP PQ {map_pq:.4f}, float {map_float:.4f}, "
           + ", ".join(f"re-rank@{R} {results[R]['map']:.4f}" for R in Rs)
-          + f"; features +{2 * D} B/face raw ({fsize / N:.0f} B/face in Parquet) vs codes {M * (1 if K <= 256 else 2)} "
+          + f", refine@{R_top} {map_refine:.4f} at {code_bytes + args.refine_bytes} B/face; largest code bucket "
+          f"{100 * largest_bucket:.1f}%; AT&T P@5 codes {att_p5_pq:.4f} float {att_p5_float:.4f}; "
+          f"features +{2 * D} B/face raw ({fsize / N:.0f} B/face in Parquet) vs codes {code_bytes} "
           f"B/face raw ({csize / N:.1f} in Parquet); {time.monotonic() - t_start:.0f} s", flush=True)
     if R_top >= N:
         print(f"(R={R_top} >= the {N} database faces: the re-rank is exact float search over float16 features, "
               f"so map_rerank should be within ~1e-3 of map_float: {map_rerank - map_float:+.4f})", flush=True)
-    out = {"bits": args.bits, "map_pq": round(map_pq, 4), "map_float": round(map_float, 4),
-           "map_rerank": round(map_rerank, 4), "ratio": round(map_pq / map_float, 4),
-           "rerank_ratio": round(map_rerank / map_float, 4), "rerank_R": R_top,
+    out = {"bits": int(round(model.cfg.bits)), "map_pq": round(map_pq, 4), "map_float": round(map_float, 4),
+           "map_rerank": round(map_rerank, 4), "map_refine": round(map_refine, 4),
+           "refine_bytes": code_bytes + args.refine_bytes, "ratio": round(map_pq / map_float, 4),
+           "rerank_ratio": round(map_rerank / map_float, 4), "refine_ratio": round(map_refine / map_float, 4),
+           "largest_bucket": round(largest_bucket, 4), "att_p5_pq": round(att_p5_pq, 4),
+           "att_p5_float": round(att_p5_float, 4), "rerank_R": R_top,
            **{f"map_rerank_{R}": round(results[R]["map"], 4) for R in Rs},
+           "refine_code_bytes": args.refine_bytes, "refine_dim": quantizer.dim,
+           "att_largest_bucket": round(att_ev["code_spread"]["largest_bucket"], 4),
+           "code_entropy_bits": round(ev["code_spread"]["code_entropy_bits"], 3),
+           "codewords_used_mean": round(ev["code_spread"]["codewords_used_mean"], 1),
            "feature_bytes_per_face_raw": 2 * D, "feature_bytes_per_face_parquet": round(fsize / N, 1),
            "code_bytes_per_face_parquet": round(csize / N, 1),
            "ms_per_query": {str(R): {"pq_scan": round(results[R]["ms_per_query_scan"], 4),
                                      "pq_scan_and_rerank": round(results[R]["ms_per_query_scan_rerank"], 4)}
                             for R in Rs},
-           "M": M, "K": K, "D": D, "method": method.name, "width": args.width, "image_size": args.image_size,
-           "epochs": args.epochs, "train_identities": len(train_ids), "train_faces": len(train_set),
-           "queries": nq, "database": N, "train_seconds": train_seconds, "smoke": args.smoke}
+           "M": M, "K": K, "D": D, "method": method.name, "width": model.cfg.width,
+           "image_size": model.cfg.image_size, **trained, "queries": nq, "database": N,
+           "att_queries": len(att.queries), "att_database": len(att.database), "train_seconds": train_seconds,
+           "smoke": args.smoke}
     print(json.dumps(out))
     return 0
 

@@ -12,8 +12,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("encode", help="encode a face dataset's new shards into a gallery of codes (Ray Data)",
                               description="Writes GALLERY/codes/part-*.parquet and the manifest. --store-features "
                                           "also writes each face's l2-normalised float feature as float16 (2 x D bytes "
-                                          "a face) to GALLERY/features/, for `opqn query --rerank`; a gallery keeps "
-                                          "the setting of its first encode (mixing is refused).")
+                                          "a face) to GALLERY/features/, for `opqn query --rerank`. --refine-bytes B "
+                                          "writes a B-byte refine code a face instead (GALLERY/refine/, a product "
+                                          "quantizer the gallery's first encode trains on its first --refine-sample "
+                                          "faces and stores in GALLERY/quantizer/), for `opqn query --refine`: codes "
+                                          "+ B bytes a face in all. A gallery keeps the settings of its first encode "
+                                          "(mixing is refused).")
     p.add_argument("model_url")
     p.add_argument("dataset")
     p.add_argument("gallery")
@@ -30,7 +34,9 @@ def register(subparsers) -> None:
     c = sub.add_parser("compact", help="rewrite shards without deleted faces")
     c.add_argument("gallery")
     c.set_defaults(func=run_compact)
-    i = sub.add_parser("info", help="size, shards, model id, deleted count, stored float features and their bytes")
+    i = sub.add_parser("info", help="size, shards, model id, deleted count, stored float features, refine codes and "
+                                    "their bytes, and the spread of the live codes (largest code bucket, distinct "
+                                    "codes, codewords used, entropy) with a warning for a sink code")
     i.add_argument("gallery")
     i.set_defaults(func=run_info)
 
@@ -70,5 +76,5 @@ def run_info(args) -> int:
     from pipelines.encode.maintenance import info
 
     for key, value in info(args.gallery).items():
-        print(f"{key}: {value}")
+        print(value if key == "warning" else f"{key}: {value}")  # the warning names itself
     return 0
