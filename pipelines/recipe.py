@@ -20,7 +20,7 @@ class Recipe:
     dim: int = 0  # D; 0 means M * K
     variant: str = "opqn"
     image_size: int = 32
-    width: float = 0.25
+    width: float = 0.5
     epochs: int = 20
     batch_size: int = 128  # global batch (split across workers by the Ray trainer); the paper's is 256
     lr: float = 0.1
@@ -31,9 +31,9 @@ class Recipe:
     r: float = 40.0
     u: float = 0.4
     lam: float = 0.1
-    balance: float = 0.0  # weight of the batch-level codeword-usage term (0: the paper's loss)
+    balance: float = 0.1  # weight of the batch-level codeword-usage term (0: the paper's loss)
     enlarge: float = 1.1  # augmentation: stored at 1.1x, random crop back to image_size
-    augment: str = "crop,flip"  # comma-separated: crop, flip (the paper's), light, grey, blur
+    augment: str = "crop,flip,light,grey,blur"  # comma-separated; the paper's: crop,flip
     seed: int = 0
 
     def opqn_config(self, num_classes: int) -> OPQNConfig:

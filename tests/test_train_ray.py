@@ -57,6 +57,20 @@ def test_two_workers_on_two_nodes_stay_in_sync(cache_mb, ray_cluster, face_datas
     assert len(state["classes"]) == 8
 
 
+def test_same_seed_gives_the_same_model(ray_cluster, face_dataset, tmp_path):
+    """Each worker's share (a seeded hash of the face id), its order and every random draw are
+    fixed, so a second run of the same command trains the same weights."""
+    import torch
+
+    models = []
+    for name in ("a.pt", "b.pt"):
+        code, out = run_train(face_dataset, tmp_path / name, ray_cluster, "--epochs", "2")
+        assert code == 0, out[-3000:]
+        models.append(load_checkpoint(str(tmp_path / name))["model"])
+    for key, value in models[0].items():
+        torch.testing.assert_close(models[1][key], value, msg=key)
+
+
 def _train_workers():
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
