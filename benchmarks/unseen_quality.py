@@ -1,6 +1,6 @@
 """Quality on unseen identities: PQ codes, float features, and the exact re-rank in between.
 
-Protocol (the cross-domain case of docs/opqn-method.md, issue 10):
+Protocol (the cross-domain case of docs/opqn-method.md):
 
 - Unseen set: LFW identities with 2-4 photos (``pipelines.evaluate.protocols``' cross split of
   an identity folder, as ``benchmarks/paper_tables.py`` builds it): one query per identity
@@ -25,6 +25,12 @@ Protocol (the cross-domain case of docs/opqn-method.md, issue 10):
   the whole budget per face (64 at 32 bit and B = 60).
 - Code spread (``largest_bucket``): the largest code bucket's share of the unseen database
   (``model.code_spread``, as `opqn evaluate` reports it).
+- Prepared sets (``--unseen-dataset URL``, ``--att-dataset URL``): face datasets written by
+  ``opqn prepare`` (MTCNN-aligned crops, as ``benchmarks/generalization.py`` builds them) replace
+  the LFW folder's unseen split and the AT&T folder: their ``query`` rows against their
+  ``database`` rows (``load_split``'s single protocol on shards, no centre crop), so a model
+  trained on aligned crops is measured on aligned crops. ``--extra-dataset NAME=URL`` (repeatable)
+  adds any other such set, reported as ``NAME: {map_pq, map_float, largest_bucket}`` in the JSON.
 - AT&T faces (``att_p5_pq``, ``att_p5_float``): P@5 of the codes and of the float features on
   the 40 grey AT&T identities (``--att-queries`` queries each, the rest database, tight crops:
   the cross-domain split of ``benchmarks/paper_tables.py``), with its ``att_largest_bucket``.
@@ -47,6 +53,9 @@ ones); a missing one is trained with the flags and saved there.
     nice -n 10 .venv/bin/python benchmarks/unseen_quality.py --bits 32 --epochs 30 --width 0.5
     nice -n 10 .venv/bin/python benchmarks/unseen_quality.py --model-url runs/x/model.pt   # evaluate only
     nice -n 10 .venv/bin/python benchmarks/unseen_quality.py --smoke     # a minute or two, checks it runs
+    nice -n 10 .venv/bin/python benchmarks/unseen_quality.py --model-url runs/x/model.pt \
+        --unseen-dataset runs/generalization/unseen_lfw-64px --att-dataset runs/generalization/att-64px \
+        --extra-dataset grey_dark=runs/generalization/grey_dark-64px        # aligned crops
 """
 from __future__ import annotations
 
@@ -190,6 +199,12 @@ def main(argv=None) -> int:
                     help="B bytes of refine code per face (re-ranks the PQ top-R, R = the largest --rerank)")
     ap.add_argument("--refine-dim", type=int, default=0, help="projection before the refine PQ (0: encode's default)")
     ap.add_argument("--att-queries", type=int, default=2, help="AT&T queries per identity")
+    ap.add_argument("--unseen-dataset", default="",
+                    help="a prepared face dataset (query/database splits) used as the unseen set instead of LFW")
+    ap.add_argument("--att-dataset", default="",
+                    help="a prepared face dataset (query/database splits) used instead of the AT&T folder")
+    ap.add_argument("--extra-dataset", action="append", default=[], metavar="NAME=URL",
+                    help="another prepared face dataset: its map_pq, map_float and largest_bucket under NAME")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-url", default="",
@@ -209,6 +224,8 @@ def main(argv=None) -> int:
     Rs = sorted({int(r) for r in args.rerank.split(",") if r})
     if not Rs or Rs[0] < 1:
         raise SystemExit("--rerank needs at least one R >= 1")
+    if any("=" not in e or not e.split("=", 1)[0] for e in args.extra_dataset):
+        raise SystemExit(f"--extra-dataset takes NAME=URL, got {args.extra_dataset}")
     if args.smoke:
         args.epochs, args.width, args.batch_size = SMOKE["epochs"], SMOKE["width"], SMOKE["batch_size"]
     lfw = args.data or str(data_root() / "lfw")
@@ -220,9 +237,14 @@ def main(argv=None) -> int:
     # faces are loaded as the model was trained: its stored size (image size x enlarge) and crop
     stored = stored_size(existing) if existing else cfg.stored_size()
     crop = args.crop_fraction or float((existing or {}).get("train", {}).get("crop_fraction", cfg.crop_fraction))
-    queries, database = unseen_split(lfw, stored, crop, SMOKE["unseen_ids"] if args.smoke else 0, args.seed)
+    if args.unseen_dataset:  # aligned crops as `opqn prepare` wrote them: no centre crop
+        split = load_split(args.unseen_dataset, "single", stored, crop_fraction=1.0)
+        queries, database, unseen_desc = split.queries, split.database, f"{args.unseen_dataset}, {split.description}"
+    else:
+        queries, database = unseen_split(lfw, stored, crop, SMOKE["unseen_ids"] if args.smoke else 0, args.seed)
+        unseen_desc = "LFW identities with 2-4 photos"
     unseen_ids = set(queries.labels.tolist()) | set(database.labels.tolist())
-    print(f"unseen: LFW identities with 2-4 photos: {len(queries)} queries x {len(database)} database "
+    print(f"unseen: {unseen_desc}: {len(queries)} queries x {len(database)} database "
           f"({len(unseen_ids)} identities)", file=sys.stderr, flush=True)
     model, trained, train_seconds = get_model(args, cfg, method, lfw, unseen_ids)
     model.eval()
@@ -268,14 +290,25 @@ def main(argv=None) -> int:
           f"{1e3 * refine_s / nq:.3f} ms per query for the refine scores", file=sys.stderr, flush=True)
 
     # cross-domain: AT&T's grey, studio-lit faces (unseen identities), P@5 of codes and float features
-    att = load_split(str(data_root() / "att_faces"), "cross", stored, 1.0, min_photos=2,
-                     queries_per_identity=args.att_queries)
+    att = (load_split(args.att_dataset, "single", stored, crop_fraction=1.0) if args.att_dataset else
+           load_split(str(data_root() / "att_faces"), "cross", stored, 1.0, min_photos=2,
+                      queries_per_identity=args.att_queries))
     att_ev = evaluate_model(model, att.queries, att.database)
     att_p5_pq, att_p5_float = att_ev["quantized"]["precision_at"][5], att_ev["float"]["precision_at"][5]
     print(f"AT&T faces ({len(att.queries)} queries x {len(att.database)} database): P@5 codes {att_p5_pq:.4f}, "
           f"float {att_p5_float:.4f}; largest code bucket {100 * att_ev['code_spread']['largest_bucket']:.1f}%",
           file=sys.stderr, flush=True)
-    for warning in ev["warnings"] + att_ev["warnings"]:
+    warnings, extra = ev["warnings"] + att_ev["warnings"], {}
+    for name, url in (e.split("=", 1) for e in args.extra_dataset):
+        s = load_split(url, "single", stored, crop_fraction=1.0)
+        e = evaluate_model(model, s.queries, s.database)
+        extra[name] = {"map_pq": round(e["quantized"]["map"], 4), "map_float": round(e["float"]["map"], 4),
+                       "largest_bucket": round(e["code_spread"]["largest_bucket"], 4)}
+        warnings += e["warnings"]
+        print(f"{name} ({len(s.queries)} queries x {len(s.database)} database): mAP codes {extra[name]['map_pq']:.4f}, "
+              f"float {extra[name]['map_float']:.4f}; largest code bucket {100 * extra[name]['largest_bucket']:.1f}%",
+              file=sys.stderr, flush=True)
+    for warning in warnings:
         print(warning, file=sys.stderr, flush=True)
 
     # bytes per face: features as the encode stage writes them, beside the codes
@@ -320,7 +353,8 @@ def main(argv=None) -> int:
            "M": M, "K": K, "D": D, "method": method.name, "width": model.cfg.width,
            "image_size": model.cfg.image_size, **trained, "queries": nq, "database": N,
            "att_queries": len(att.queries), "att_database": len(att.database), "train_seconds": train_seconds,
-           "smoke": args.smoke}
+           "smoke": args.smoke, "unseen_dataset": args.unseen_dataset or None,
+           "att_dataset": args.att_dataset or None, **extra}
     print(json.dumps(out))
     return 0
 
