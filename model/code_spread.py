@@ -132,14 +132,41 @@ def sink_threshold(rows: int) -> float:
     return SINK_SHARE if rows >= SINK_MIN_ROWS else SINK_SHARE_SMALL
 
 
+def mixed_bucket(codes, labels) -> dict:
+    """The code that holds the most faces of other people than its commonest one.
+
+    Many photos of one person sharing a code is what a good model does (a seen gallery's most
+    photographed person can fill one code); many people sharing one is a sink. With labels,
+    ``mixed_bucket`` (share of all rows) counts, per code, the faces not of its commonest
+    identity, and ``mixed_code`` names the worst code.
+    """
+    codes, labels = np.asarray(codes), np.asarray(labels)
+    if not len(codes):
+        return {"mixed_bucket": 0.0, "mixed_bucket_rows": 0, "mixed_code": []}
+    keys, bucket = np.unique(codes, axis=0, return_inverse=True)
+    _, person = np.unique(labels, return_inverse=True)
+    pairs, counts = np.unique(np.stack([bucket.ravel(), person.ravel()], 1), axis=0, return_counts=True)
+    commonest = np.zeros(len(keys), np.int64)
+    np.maximum.at(commonest, pairs[:, 0], counts)
+    others = np.bincount(bucket.ravel(), minlength=len(keys)) - commonest
+    worst = int(others.argmax())
+    return {"mixed_bucket": float(others[worst]) / len(codes), "mixed_bucket_rows": int(others[worst]),
+            "mixed_code": [int(c) for c in keys[worst]]}
+
+
 def sink_warning(spread: dict, what: str = "database faces") -> str | None:
     """A warning naming the bucket share when one code holds more than ``sink_threshold`` of the
-    rows (and at least two rows share it), else None."""
-    n, share = spread["rows"], spread["largest_bucket"]
-    if n < 2 or spread["largest_bucket_rows"] < 2 or share <= sink_threshold(n):
+    rows (and at least two rows share it), else None. When ``spread`` holds ``mixed_bucket``
+    (identities known), only faces of different people in one code count."""
+    n = spread["rows"]
+    mixed = "mixed_bucket" in spread
+    share, rows, code = ((spread["mixed_bucket"], spread["mixed_bucket_rows"], spread["mixed_code"]) if mixed else
+                         (spread["largest_bucket"], spread["largest_bucket_rows"], spread["largest_code"]))
+    if n < 2 or rows < 2 or share <= sink_threshold(n):
         return None
-    code = ", ".join(str(c) for c in spread["largest_code"])
-    return (f"warning: {100 * share:.1f}% of the {n} {what} ({spread['largest_bucket_rows']}) share one code "
+    code = ", ".join(str(c) for c in code)
+    people = " of other people than its commonest one" if mixed else ""
+    return (f"warning: {100 * share:.1f}% of the {n} {what} ({rows}{people}) share one code "
             f"({code}); limit {100 * sink_threshold(n):g}% for {'>=' if n >= SINK_MIN_ROWS else '<'} "
             f"{SINK_MIN_ROWS} faces. Faces with the same code score the same for every query, so codes-only "
             f"retrieval cannot rank them and will be poor: the model's assignment head collapses on these faces "

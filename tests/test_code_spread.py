@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.code_spread import SINK_MIN_ROWS, SpreadCounter, code_spread, sink_threshold, sink_warning
+from model.code_spread import SINK_MIN_ROWS, SpreadCounter, code_spread, mixed_bucket, sink_threshold, sink_warning
 from model.opqn import OPQN
 from pipelines.checkpoint import save_checkpoint
 from pipelines.cli import main as opqn_main
@@ -94,6 +94,23 @@ def test_sink_warning_thresholds():
         "warning: 100.0% of the 476 faces (476) share one code (0, 0, 0, 0)")
 
 
+def test_one_persons_photos_sharing_a_code_are_no_sink():
+    """A seen gallery's most photographed person may fill one code: only faces of different
+    people in one code count as a sink when identities are known."""
+    codes = np.concatenate([np.zeros((40, 2)), np.arange(1, 261)[:, None].repeat(2, 1)]).astype(np.int64)
+    people = np.array(["bush"] * 40 + [f"p{i}" for i in range(260)])
+    spread = code_spread(codes, 512)
+    assert spread["largest_bucket_rows"] == 40 and sink_warning(spread) is not None  # without labels: flagged
+    spread.update(mixed_bucket(codes, people))
+    assert spread["mixed_bucket_rows"] == 0 and sink_warning(spread) is None
+    mixed = people.copy()
+    mixed[:10] = [f"q{i}" for i in range(10)]  # 10 other people in the same code as 30 of bush's
+    spread.update(mixed_bucket(codes, mixed))
+    assert spread["mixed_bucket_rows"] == 10 and spread["mixed_code"] == [0, 0]
+    assert sink_warning(spread).startswith("warning: 3.3% of the 300 database faces (10 of other people than its "
+                                           "commonest one) share one code (0, 0)")
+
+
 @pytest.fixture(scope="module")
 def collapsed(lfw_dir, tmp_path_factory):
     """An OPQN whose assignment map F is zero (every face gets code 0...0), saved as a checkpoint,
@@ -127,7 +144,9 @@ def test_collapsed_model_is_flagged_by_evaluate(collapsed, tmp_path, caplog, cap
     assert spread["largest_bucket"] == 1.0 and spread["largest_bucket_rows"] == n == 16
     assert spread["distinct_codes"] == 1 and spread["codewords_used"] == [1] * 4
     assert spread["largest_code"] == [0, 0, 0, 0] and spread["code_entropy_bits"] == 0.0
-    expected = f"warning: 100.0% of the {n} database faces ({n}) share one code (0, 0, 0, 0)"
+    # 4 people x 4 database faces in one code: 12 faces are of other people than its commonest one
+    expected = (f"warning: 75.0% of the {n} database faces (12 of other people than its commonest one) "
+                f"share one code (0, 0, 0, 0)")
     assert result["warnings"] and result["warnings"][0].startswith(expected)
     assert any(expected in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
     metrics = json.loads((report / "metrics.json").read_text())

@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model.code_spread import code_spread, sink_warning
+from model.code_spread import code_spread, mixed_bucket, sink_warning
 from model.metrics import retrieval_metrics
 from pipelines.evaluate.methods import Method, code_bits, load_model, method_of, quantized_scores
 from pipelines.evaluate.protocols import EvalSplit, check_split, is_shard_dataset, load_split
@@ -47,6 +47,7 @@ def evaluate_model(model: torch.nn.Module, queries: FaceSet, database: FaceSet, 
     cos = (F.normalize(xq, dim=1) @ F.normalize(xd, dim=1).T).numpy()
     flt = retrieval_metrics(cos, queries.labels, database.labels, ts, pr_points=pr_points)
     spread = code_spread(codes.numpy(), getattr(model.cfg, "K", 2))
+    spread.update(mixed_bucket(codes.numpy(), database.labels))
     warning = sink_warning(spread)
     return {"method": method.name, "label": method.label, "bits": code_bits(model), "ranking": method.ranking,
             "quantized": quant, "float": flt, "distinct_database_codes": spread["distinct_codes"],
