@@ -3,8 +3,8 @@
 
 Default scale is the main job's: every LFW identity with >= 10 photos (158 people), 20 % of each
 identity's photos held out as queries, so both trainers train on the 3,463 database faces; 64 px
-stored crops in 9 shards, 32 px input, batch 256, 32 bit. ``--small`` is the old toy case (40
-identities x 20 photos, batch 64).
+stored crops in 9 shards, 32 px input, 32 bit, and the training recipe's defaults (width 0.5,
+batch 128). ``--small`` is a toy case (40 identities x 20 photos, batch 64).
 
 An epoch's time runs from the end of the previous epoch's SGD steps to the end of its own, so
 it includes the previous epoch's checkpoint, loss all-reduce and barrier; epochs laid end to
@@ -13,7 +13,7 @@ start-up, each worker decoding its share, first allocations). Overhead = the par
 epoch outside the SGD steps (forward, backward with DDP's all-reduce, update): data,
 augmentation, checkpoint and synchronisation.
 
-    .venv/bin/python benchmarks/train_throughput.py [--width 0.25] [--epochs 4] [--small]
+    .venv/bin/python benchmarks/train_throughput.py [--width 0.5] [--batch-size 128] [--epochs 4] [--small]
 
 The last line is one JSON object: {"faces", "width", "batch_size", "ray_samples_per_s",
 "local_samples_per_s", "ratio", "ray_overhead", "local_overhead"}.
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # fac
 from face_datasets import SCHEMA, face_row, write_face_dataset  # noqa: E402
 
 from pipelines.image_folder import list_identity_folder, query_split  # noqa: E402
+from pipelines.recipe import Recipe  # noqa: E402
 from pipelines.settings import dataset_dir  # noqa: E402
 from pipelines.train.config import RayTrainConfig  # noqa: E402
 from pipelines.train.run import train  # noqa: E402
@@ -74,12 +75,12 @@ def breakdown(name: str, s: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--width", type=float, default=0.25)
-    ap.add_argument("--batch-size", type=int, default=0, help="default: 256 (64 with --small)")
+    ap.add_argument("--width", type=float, default=Recipe.width)
+    ap.add_argument("--batch-size", type=int, default=0, help=f"default: {Recipe.batch_size} (64 with --small)")
     ap.add_argument("--small", action="store_true", help="the toy case: 40 identities x 20 photos, batch 64")
     ap.add_argument("--cache-mb", type=int, default=4096, help="Ray: 0 streams faces from Ray Data every epoch")
     args = ap.parse_args(argv)
-    batch = args.batch_size or (64 if args.small else 256)
+    batch = args.batch_size or (64 if args.small else Recipe.batch_size)
     common = dict(bits=32, codewords=256, dim=0, width=args.width, image_size=32, epochs=args.epochs,
                   batch_size=batch)
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,6 +34,8 @@ class PipelineConfig(Recipe):
     top_k: int = 100
     store_features: bool = False  # gallery keeps float16 features (2*D bytes a face) for re-ranking
     rerank: int = 0  # re-score the PQ top-R by exact cosine (needs store_features); 1000 for unseen identities
+    refine_bytes: int = 0  # gallery keeps a compact refine code of B bytes a face (60: 64 bytes with the codes)
+    refine: int = 0  # re-score the PQ top-R with the refine codes (needs refine_bytes); 1000 for unseen identities
     view_queries: int = 40
     view_top_k: int = 10
 
@@ -97,7 +99,8 @@ def encode(cfg: PipelineConfig, where: dict, out) -> dict:
 
     gallery_url = model_gallery(where)
     r = encode_gallery(where["model"], where["dataset"], gallery_url,
-                       EncodeConfig(splits=("database",), use_gpu=cfg.use_gpu, store_features=cfg.store_features),
+                       EncodeConfig(splits=("database",), use_gpu=cfg.use_gpu, store_features=cfg.store_features,
+                                    refine_bytes=cfg.refine_bytes),
                        out=out)
     gallery = require_gallery(gallery_url)
     return {"gallery": gallery_url, "encoded_now": r["faces"], "gallery_codes": gallery.rows,
@@ -108,7 +111,7 @@ def query(cfg: PipelineConfig, where: dict, out) -> dict:
     from pipelines.query.run import QueryConfig, query_batch
 
     r = query_batch(where["model"], model_gallery(where), where["dataset"], where["results"],
-                    QueryConfig(top_k=cfg.top_k, split="query", rerank=cfg.rerank), out=out)
+                    QueryConfig(top_k=cfg.top_k, split="query", rerank=cfg.rerank, refine=cfg.refine), out=out)
     return {"queries": r["queries"], "result_rows": r["result_rows"], "codes_per_s": round(r["codes_per_s"])}
 
 
