@@ -67,7 +67,7 @@ def test_balance_term_spreads_assignments_of_one_class():
     used = {}
     for balance in (0.0, 2.0):
         recipe = Recipe(bits=8, codewords=16, dim=64, width=0.125, epochs=30, batch_size=32, balance=balance,
-                        schedule="step", lr=0.05)
+                        schedule="step", lr=0.05, augment="crop,flip")
         torch.manual_seed(0)
         model = OPQN(recipe.opqn_config(2))
         opt, sched = make_optimizer(model, recipe, 1)
