@@ -10,7 +10,7 @@ from dataclasses import MISSING, dataclass, fields
 
 import torch
 
-from model.opqn import OPQN, OPQNConfig, config_for_variant, shape_for_bits
+from model.opqn import OPQNConfig, config_for_variant, shape_for_bits
 
 
 @dataclass

@@ -1,1 +1,1 @@
-"""Distributed OPQN training on Ray Train (DDP over face shards read with Ray Data)."""
+"""Distributed OPQN training on Ray Train: DDP workers that keep their share of the face shards in memory."""
