@@ -14,11 +14,17 @@ from model.opqn import OPQN
 from model.scoring import lut_scores
 
 
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 or float pixel values in [0, 255] -> the network's input range [-1, 1] (training
+    and inference scale pixels with this one function)."""
+    return images.float().div(127.5).sub(1.0)
+
+
 def to_input(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (N, C, E, E) -> float in [-1, 1], centre-cropped to ``size``."""
     e = images.shape[-1]
     off = (e - size) // 2
-    return images[..., off:off + size, off:off + size].float().div(127.5).sub(1.0)
+    return to_unit_range(images[..., off:off + size, off:off + size])
 
 
 @torch.no_grad()

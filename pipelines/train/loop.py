@@ -14,6 +14,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from pipelines.retrieval import to_unit_range
+
 # Augmentations a recipe can name (``Recipe.augment``, comma-separated). "crop" and "flip" are
 # the paper's; the photometric ones make codes hold on photos taken in other conditions.
 AUGMENTATIONS = ("crop", "flip", "light", "grey", "blur")
@@ -27,16 +29,6 @@ def parse_augment(spec: str) -> frozenset[str]:
     return names
 
 
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 or float pixel values in [0, 255] -> the network's input range [-1, 1]."""
-    return images.float().div(127.5).sub(1.0)
-
-
-def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    off = (images.shape[-1] - size) // 2
-    return images[..., off:off + size, off:off + size]
-
-
 def _crop_flip(images: torch.Tensor, size: int, generator: torch.Generator, crop: bool, flip: bool) -> torch.Tensor:
     """Per-image random crop offset and horizontal flip, gathered for the whole batch at once."""
     n, e = images.shape[0], images.shape[-1]
@@ -48,7 +40,7 @@ def _crop_flip(images: torch.Tensor, size: int, generator: torch.Generator, crop
     step = torch.arange(size)
     rows = offsets[:, :1] + step  # (n, size)
     cols = torch.where(flips[:, None], offsets[:, 1:] + size - 1 - step, offsets[:, 1:] + step)
-    # gather rows then columns; index_select-style advanced indexing on (n, c, e, e)
+    # gather each image's rows, then its (possibly reversed) columns
     out = images.gather(2, rows[:, None, :, None].expand(n, images.shape[1], size, e))
     return out.gather(3, cols[:, None, None, :].expand(n, images.shape[1], size, size))
 
