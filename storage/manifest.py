@@ -58,6 +58,10 @@ from .tables import DEFAULT_BATCH_SIZE, TableLike, iter_batches, write_table
 
 log = logging.getLogger(__name__)
 
+# Called as hook(root, manifest) after every successful commit, in the committing process.
+# Tests append a hook to kill the process between commits (crash injection).
+COMMIT_HOOKS: list[Callable[[str, "Manifest"], None]] = []
+
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.lock"
 FORMAT = "opqn-manifest"
@@ -369,6 +373,8 @@ def commit(root: str, change: Change, storage_options: dict | None = None, *,
         new = _validated(dataclasses.replace(new, generation=current.generation + 1), murl)
         if store.swap(new.to_json(), token):
             log.info("committed %s generation %d (%d files)", murl, new.generation, len(new.files))
+            for hook in COMMIT_HOOKS:
+                hook(root, new)
             return new
         delay = min(0.02 * 2 ** attempt, 1.0) * random.uniform(0.5, 1.5)
         log.debug("commit to %s lost a race (attempt %d); retrying in %.2fs", murl, attempt + 1, delay)

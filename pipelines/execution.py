@@ -1,0 +1,124 @@
+"""Where the stages' work runs: one way to start or join Ray, one way to run many tasks.
+
+Ingest, encode and query all fan independent tasks (a shard of photos, a source shard,
+a group of code shards) out over a cluster and fold the results in as they arrive. They
+share ``run_tasks``, which keeps at most ``max_in_flight`` tasks submitted so the driver's
+memory is bounded by what is in flight, not by the job, and which runs the same function
+in this process (``executor="local"``) for debugging and small jobs.
+
+``start_ray`` is the only place that calls ``ray.init``: it joins the cluster named by
+``RAY_ADDRESS``, or starts a private Ray on loopback, with Ray's own console output kept
+down to warnings.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+EXECUTORS = ("ray", "local")
+
+_CACHE: dict = {}
+
+
+def start_ray(num_cpus: int | None = None, *, worker_logs: bool = True):
+    """Join ``RAY_ADDRESS`` or start Ray in-process on 127.0.0.1; a no-op when Ray is up.
+
+    ``num_cpus`` (local Ray only) defaults to the cores plus one: a pool that fills every
+    core still leaves Ray Data a slot for its read tasks. ``worker_logs`` forwards the
+    workers' stdout/stderr to this console (training prints its epoch lines from workers).
+    Returns the ``ray`` module.
+    """
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        common = {"log_to_driver": worker_logs, "logging_level": logging.WARNING}
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, **common)
+        else:
+            # "local" always starts a private instance; a bare ray.init() would attach to
+            # any cluster someone started on this machine with `ray start`.
+            ray.init(address="local", num_cpus=num_cpus or (os.cpu_count() or 1) + 1,
+                     include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+    ctx = ray.data.DataContext.get_current()
+    # the stages print their own progress lines (counts, rate, ETA); Ray Data's
+    # per-operator tables every few seconds would drown them in a log
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return ray
+
+
+def cluster_cpus() -> int:
+    """Logical CPUs of the Ray cluster (starting Ray if needed)."""
+    return max(1, int(start_ray().cluster_resources().get("CPU", 1)))
+
+
+def cluster_gpus() -> int:
+    return int(start_ray().cluster_resources().get("GPU", 0))
+
+
+def node_id() -> str:
+    """The Ray node a task runs on, or "local" outside Ray."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside a Ray worker there is no node to name
+        pass
+    return "local"
+
+
+def process_cached(key, make: Callable[[], Any]) -> Any:
+    """One object per worker process and key, kept across tasks (Ray reuses task workers):
+    a detector or a model is built once per process, not once per task."""
+    if key not in _CACHE:
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
+def run_tasks(fn: Callable, items: Iterable, *, shared: tuple = (), executor: str = "ray",
+              max_in_flight: int | None = None, num_cpus: float = 1, num_gpus: float = 0,
+              spread: bool = False, max_retries: int = 3) -> Iterator[tuple[Any, Any]]:
+    """Yield ``(item, fn(item, *shared))`` for every item, in completion order.
+
+    On Ray each item is one task; ``shared`` objects go to the object store once and every
+    task reads them from there (no per-task copy of query tables or a model). At most
+    ``max_in_flight`` tasks are submitted at a time (default: two per task slot of the
+    cluster), and items are pulled from ``items`` lazily, so a generator of tasks is never
+    materialised. ``spread`` places tasks on as many nodes as possible (I/O-bound scans);
+    a task that dies with its worker is retried ``max_retries`` times.
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor {executor!r} is not one of {EXECUTORS}")
+    if executor == "local":
+        for item in items:
+            yield item, fn(item, *shared)
+        return
+    ray = start_ray()
+    remote = ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
+                                    scheduling_strategy="SPREAD" if spread else "DEFAULT")
+    refs = [ray.put(obj) for obj in shared]
+    slots = max(1, int(cluster_cpus() // max(num_cpus, 1e-9)))
+    if num_gpus:
+        slots = min(slots, max(1, int(cluster_gpus() // num_gpus)))
+    limit = max_in_flight or 2 * slots
+    source = iter(items)
+    in_flight: dict = {}
+    exhausted = False
+    while True:
+        while not exhausted and len(in_flight) < limit:
+            try:
+                item = next(source)
+            except StopIteration:
+                exhausted = True
+                break
+            in_flight[remote.remote(item, *refs)] = item
+        if not in_flight:
+            return
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        item = in_flight.pop(ready[0])
+        yield item, ray.get(ready[0])
