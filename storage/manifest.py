@@ -18,17 +18,9 @@ Manifest JSON (version 1)::
       "metadata": {...}                     # free JSON object (model id, D, M, K, ...)
     }
 
-Concurrency: ``commit`` is an optimistic compare-and-swap loop. It reads the manifest
-and a version token, applies the change, and writes the result only if the manifest is
-still at that version; otherwise it re-reads and re-applies the change. The swap is:
-
-- S3: ``PutObject`` with ``IfMatch=<etag>`` (or ``IfNoneMatch='*'`` for the first
-  commit), which AWS S3, SeaweedFS, MinIO and moto refuse with ``PreconditionFailed``
-  when someone else committed in between. One PUT: readers see old or new, never half.
-- Local disk: an exclusive ``flock`` on ``<root>/.manifest.lock`` around "compare the
-  current bytes with the token, write a temporary file, rename it over". The kernel
-  drops the lock if the holder dies, so a killed writer never wedges the dataset; the
-  rename makes the switch atomic for readers (who take no lock). The lock file stays.
+Concurrency: ``commit`` is an optimistic compare-and-swap loop over one document
+(storage/manifest_swap.py: conditional PUT on S3, flock + rename on local disk); a writer
+that loses the race re-reads the manifest and re-applies its change.
 
 ``read_manifest`` returns ``None`` when no manifest exists (a dataset that was never
 committed), and an empty-but-committed manifest otherwise; ``commit`` starts from an
@@ -40,7 +32,6 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -51,9 +42,10 @@ import pyarrow as pa
 
 from . import files, urls
 from .errors import (
-    CommitConflictError, IntegrityError, ManifestError, StorageError,
-    StorageNotFoundError, UnsafePathError, errors_naming, is_precondition_failed,
+    CommitConflictError, IntegrityError, ManifestError,
+    StorageNotFoundError, UnsafePathError, errors_naming,
 )
+from .manifest_swap import LOCK_NAME, MANIFEST_NAME, manifest_url, store_for
 from .tables import DEFAULT_BATCH_SIZE, TableLike, iter_batches, write_table
 
 log = logging.getLogger(__name__)
@@ -62,8 +54,6 @@ log = logging.getLogger(__name__)
 # Tests append a hook to kill the process between commits (crash injection).
 COMMIT_HOOKS: list[Callable[[str, "Manifest"], None]] = []
 
-MANIFEST_NAME = "manifest.json"
-LOCK_NAME = ".manifest.lock"
 FORMAT = "opqn-manifest"
 VERSION = 1
 
@@ -106,13 +96,8 @@ class Manifest:
         return next((f for f in self.files if f.path == path), None)
 
     def to_dict(self) -> dict:
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "generation": self.generation,
-            "files": [f.to_dict() for f in self.files],
-            "metadata": dict(self.metadata),
-        }
+        return {"format": FORMAT, "version": VERSION, "generation": self.generation,
+                "files": [f.to_dict() for f in self.files], "metadata": dict(self.metadata)}
 
     def to_json(self) -> bytes:
         return (json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n").encode()
@@ -145,10 +130,8 @@ class Delta:
                 kept.append(entry)
                 listed[entry.path] = entry
             elif old != entry:
-                raise ManifestError(
-                    f"cannot add {entry.path}: already listed with different size/checksum",
-                    path=entry.path,
-                )
+                raise ManifestError(f"cannot add {entry.path}: already listed with different size/checksum",
+                                    path=entry.path)
         dropped = set(self.drop_metadata)
         metadata = {k: v for k, v in manifest.metadata.items() if k not in dropped}
         metadata.update(self.metadata)
@@ -159,10 +142,6 @@ Change = Delta | Callable[[Manifest], Manifest]
 
 
 # --------------------------------------------------------------------------- paths
-
-def manifest_url(root: str) -> str:
-    return urls.join(root, MANIFEST_NAME)
-
 
 def check_relative_path(path, manifest: str | None = None) -> str:
     """Return ``path`` if it stays under the root; raise ``UnsafePathError`` otherwise.
@@ -262,7 +241,7 @@ def read_manifest(root: str, storage_options: dict | None = None) -> Manifest | 
     Raises ``ManifestError`` (malformed JSON, bad entries, paths escaping the root) and
     ``StorageError`` (unreachable store, refused credentials).
     """
-    data, _token = _store_for(root, storage_options).load()
+    data, _token = store_for(root, storage_options).load()
     if data is None:
         return None
     return parse_manifest(data, manifest_url(root))
@@ -363,7 +342,7 @@ def commit(root: str, change: Change, storage_options: dict | None = None, *,
     murl = manifest_url(root)
     if check_added and isinstance(change, Delta):
         _check_added(root, change.add, storage_options)
-    store = _store_for(root, storage_options)
+    store = store_for(root, storage_options)
     for attempt in range(max_attempts):
         data, token = store.load()
         current = parse_manifest(data, murl) if data is not None else Manifest()
@@ -381,12 +360,6 @@ def commit(root: str, change: Change, storage_options: dict | None = None, *,
         time.sleep(delay)
     raise CommitConflictError(
         f"commit to {murl} lost the compare-and-swap race {max_attempts} times; giving up", murl)
-
-
-def add_files(root: str, entries: Iterable[FileEntry], metadata: Mapping | None = None,
-              storage_options: dict | None = None) -> Manifest:
-    """Shorthand for ``commit(root, Delta(add=entries, metadata=metadata))``."""
-    return commit(root, Delta(add=tuple(entries), metadata=dict(metadata or {})), storage_options)
 
 
 def _validated(manifest: Manifest, murl: str) -> Manifest:
@@ -422,93 +395,3 @@ def _size(url: str, storage_options: dict | None) -> int:
             return int(fs.info(path)["size"])
         except FileNotFoundError as exc:
             raise StorageNotFoundError(f"not found: {url}", url) from exc
-
-
-# --------------------------------------------------------------------------- stores
-
-def _store_for(root: str, storage_options: dict | None):
-    proto = urls.protocol(root)
-    if urls.is_local(root):
-        return _LocalStore(root)
-    if proto in ("s3", "s3a"):
-        return _S3Store(root, storage_options)
-    raise StorageError(f"manifests on {proto}:// are not supported (no compare-and-swap); "
-                       f"use a local path or s3:// for {root}", root)
-
-
-class _LocalStore:
-    """Compare-and-swap on local disk: flock + compare bytes + write temp + rename."""
-
-    def __init__(self, root: str):
-        self.url = manifest_url(root)
-        self.dir = urls.local_path(root)
-        self.path = os.path.join(self.dir, MANIFEST_NAME)
-
-    def load(self) -> tuple[bytes | None, str | None]:
-        with errors_naming(self.url, "read"):
-            try:
-                with open(self.path, "rb") as f:
-                    data = f.read()
-            except FileNotFoundError:
-                return None, None
-        return data, _digest(data)
-
-    def swap(self, data: bytes, token: str | None) -> bool:
-        import fcntl  # POSIX only, like the rest of the stack
-
-        with errors_naming(self.url, "commit"):
-            os.makedirs(self.dir, exist_ok=True)
-            fd = os.open(os.path.join(self.dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                current, current_token = self.load()
-                if current_token != token:
-                    return False
-                files.write_bytes_atomic(self.path, data)
-                return True
-            finally:
-                os.close(fd)  # releases the flock
-
-
-class _S3Store:
-    """Compare-and-swap on S3: GET returns the ETag; PUT with IfMatch / IfNoneMatch."""
-
-    def __init__(self, root: str, storage_options: dict | None):
-        self.url = manifest_url(root)
-        self.fs, path = urls.resolve(self.url, storage_options)
-        self.bucket, self.key, _ = self.fs.split_path(path)
-
-    def load(self) -> tuple[bytes | None, str | None]:
-        from fsspec.asyn import sync
-
-        async def get():
-            resp = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
-            try:
-                return await resp["Body"].read(), resp["ETag"]
-            finally:
-                resp["Body"].close()
-
-        with errors_naming(self.url, "read"):
-            try:
-                return sync(self.fs.loop, get)
-            except FileNotFoundError:
-                return None, None
-
-    def swap(self, data: bytes, token: str | None) -> bool:
-        condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
-        with errors_naming(self.url, "commit"):
-            try:
-                self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data,
-                                ContentType="application/json", **condition)
-            except Exception as exc:  # noqa: BLE001 - only a lost race is swallowed
-                if is_precondition_failed(exc):
-                    return False
-                raise
-            finally:
-                self.fs.invalidate_cache(f"{self.bucket}/{self.key}")
-        return True
-
-
-def _digest(data: bytes) -> str:
-    import hashlib
-    return hashlib.sha256(data).hexdigest()
