@@ -22,12 +22,12 @@ def opqn_pipeline_flow(data: str = "", workdir: str = "runs/pipeline", options: 
     import sys
     import time
 
-    from pipelines.train.run import init_ray
+    from pipelines.execution import start_ray
 
     cfg = config_with_options(PipelineConfig, "pipeline", {"data": data, "workdir": workdir}, options)
     where = stage_urls(cfg)
     t0 = time.monotonic()
-    init_ray()
+    start_ray()
     results = {}
     for name, fn in STAGES:
         results[name] = task(run_stage, name=name, task_run_name=name)(name, fn, cfg, where, sys.stdout)

@@ -168,9 +168,9 @@ def run_pipeline(cfg: PipelineConfig, out=None) -> dict:
     t0 = time.monotonic()
     print(f"[pipeline] {cfg.source()} -> {cfg.workdir} ({len(STAGES)} stages: "
           f"{', '.join(n for n, _ in STAGES)})", file=out, flush=True)
-    from pipelines.train.run import init_ray
+    from pipelines.execution import start_ray
 
-    init_ray()  # one Ray for every stage (in-process, or the cluster of RAY_ADDRESS)
+    start_ray()  # one Ray for every stage (in-process, or the cluster of RAY_ADDRESS)
     results = {name: run_stage(name, fn, cfg, where, out) for name, fn in STAGES}
     seconds = time.monotonic() - t0
     print(summary_line(results, where, seconds), file=out, flush=True)
