@@ -19,7 +19,7 @@ Protocol (the cross-domain case of docs/opqn-method.md):
   This is computed in-process with numpy/torch using the query stage's own functions, not
   through Ray and Parquet (``tests/test_rerank.py`` checks the stage equals this computation).
 - Compact refine (``map_refine``): the PQ top-R (R = the largest ``--rerank``) re-scored by a
-  ``--refine-bytes`` B refine code (``pipelines.refine``: the quantizer trained, as encode trains
+  ``--refine-bytes`` B refine code (``model.refine``: the quantizer trained, as encode trains
   a gallery's, on the first 50,000 unseen database faces, seeded), scored as the query stage's
   ``--refine`` scores (``pipelines.query.rerank.Rescorer``); ``refine_bytes`` = code bytes + B,
   the whole budget per face (64 at 32 bit and B = 60).
@@ -86,7 +86,7 @@ from pipelines.image_folder import FaceSet, list_identity_folder, load_face_set 
 from pipelines.inference import normalized_feature, stored_feature, stored_size  # noqa: E402
 from pipelines.query.kernels import topk  # noqa: E402
 from pipelines.query.rerank import PAIR_CHUNK, Rescorer  # noqa: E402
-from pipelines.refine import train_quantizer  # noqa: E402
+from model.refine import train_quantizer  # noqa: E402
 from pipelines.retrieval import embed  # noqa: E402
 from pipelines.settings import data_root  # noqa: E402
 from pipelines.train_local import TrainConfig  # noqa: E402

@@ -21,7 +21,7 @@ from pipelines.gallery import load_quantizer, paired_path, require_gallery
 from pipelines.inference import normalized_feature, stored_size
 from pipelines.query.run import QueryConfig, query_batch
 from pipelines.recipe import config_from_args
-from pipelines.refine import CENTROIDS, RefineQuantizer, auto_dim, train_quantizer
+from model.refine import CENTROIDS, RefineQuantizer, auto_dim, train_quantizer
 from pipelines.retrieval import embed
 from storage import manifest as manifests
 from storage.manifest import read_manifest

@@ -4,7 +4,7 @@ Each actor loads the model once (GPU when asked and present) and turns batches o
 face crops into hard codes, and with ``store_features`` also into the l2-normalised float
 feature as float16 (``pipelines.inference.stored_feature``: the vector evaluation's float
 upper bound takes the cosine of), and with ``refine`` also into the refine code of that
-normalised feature (``pipelines.refine``; the quantizer is read from the gallery once per
+normalised feature (``model.refine``; the quantizer is read from the gallery once per
 actor and checked against its sha256). A face whose image cannot be decoded becomes a reject
 with its reason instead of failing the whole run.
 """

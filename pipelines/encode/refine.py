@@ -1,12 +1,12 @@
 """The gallery's refine quantizer at encode time (``opqn encode --refine-bytes B``).
 
-A gallery's refine codes all come from one quantizer (``pipelines.refine``), so codes written
+A gallery's refine codes all come from one quantizer (``model.refine``), so codes written
 by different encode runs are comparable and queries decode them all the same way. The first
 encode that writes refine codes into a gallery trains it, in the driver, on the gallery's own
 faces: the first ``refine_sample`` faces (of the selected splits) of the source shards it is
 about to encode, in their listed order, so the same dataset gives the same quantizer. Their
 features are computed here with the model, as the encoder actors will compute them; training
-is seeded (``pipelines.refine.TRAIN_SEED``). The quantizer file is written before any code
+is seeded (``model.refine.TRAIN_SEED``). The quantizer file is written before any code
 shard and listed, with the manifest's ``refine`` entry, in the run's first commit; every later
 encode (and every query) reads it back from the gallery.
 """
@@ -21,7 +21,7 @@ from pipelines.checkpoint import model_from_checkpoint
 from pipelines.gallery import Gallery, write_quantizer
 from pipelines.image_folder import decode_face
 from pipelines.inference import normalized_feature, stored_size
-from pipelines.refine import check_bytes, train_quantizer
+from model.refine import check_bytes, train_quantizer
 from pipelines.retrieval import embed
 from storage.manifest import FileEntry
 from storage.tables import iter_batches

@@ -49,7 +49,7 @@ class EncodeConfig:
     # <gallery>/features/ for `opqn query --rerank`; fixed for a gallery by its first encode
     store_features: bool = False
     # also store a refine code of B bytes per face (a product quantizer of the normalised float
-    # feature, pipelines.refine) in <gallery>/refine/ for `opqn query --refine`; 0: none. Fixed
+    # feature, model.refine) in <gallery>/refine/ for `opqn query --refine`; 0: none. Fixed
     # for a gallery by its first encode, which trains the quantizer on its first faces
     refine_bytes: int = 0
     refine_dim: int = 0  # dimension the feature is projected to before the refine PQ (0: min(4 B, D))

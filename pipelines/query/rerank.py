@@ -27,7 +27,7 @@ own top-R, some of which lose the global merge: at most nq x R x D multiply-adds
 With ``QueryConfig.refine = R`` (a gallery encoded with ``--refine-bytes B``) everything above
 holds with the refine shard in place of the feature shard and, in step 2, ``exact`` = the
 refine score ``dot(q, x_hat)``: the l2-normalised query feature with the candidate's decoded
-refine vector (``pipelines.refine.RefineQuantizer.pair_scores``, float64 rounded to float32).
+refine vector (``model.refine.RefineQuantizer.pair_scores``, float64 rounded to float32).
 A ``Rescorer`` says which of the two a query uses; ``--rerank`` and ``--refine`` are
 alternatives (asking for both is an error: the exact one is the better re-rank where the
 gallery has features, and chaining them is not built).
@@ -42,7 +42,7 @@ import pyarrow as pa
 from pipelines.gallery import feature_matrix, refine_matrix
 from pipelines.inference import exact_cosine
 from pipelines.query.topk import TOPK_SCHEMA, ShardTask, best_per_query, empty_topk
-from pipelines.refine import RefineQuantizer
+from model.refine import RefineQuantizer
 from storage.tables import open_parquet
 
 RERANK_SCHEMA = TOPK_SCHEMA.append(pa.field("exact", pa.float32()))

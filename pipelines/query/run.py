@@ -18,7 +18,7 @@
    exact cosine of the query's float feature with the stored feature of its candidates, and
    the top-k of the global top-R by that cosine are returned (``pipelines.query.rerank``).
    ``cfg.refine = R`` (a gallery encoded with ``--refine-bytes B``) does the same with the
-   gallery's compact refine codes in place of the float features (``pipelines.refine``);
+   gallery's compact refine codes in place of the float features (``model.refine``);
    the two are alternatives.
 5. Results (``RESULT_SCHEMA``), one Parquet file at ``results_url``: ``query_id, rank, face_id,
    score``; per query (in input order) rank 0 is the best; ordered by score desc, then the

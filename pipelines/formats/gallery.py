@@ -11,7 +11,7 @@ feature shard pairs with the code shard of the same file name (``codes/part-X.pa
 removed together by compaction.
 ``<gallery>/refine/part-*.parquet`` (only in a gallery encoded with ``--refine-bytes B``):
 face_id string, refine fixed-size list of B uint8, the face's refine code
-(``pipelines.refine``: a B-byte product quantizer over the same normalised feature), paired
+(``model.refine``: a B-byte product quantizer over the same normalised feature), paired
 with its code shard exactly as feature shards are. ``<gallery>/quantizer/refine-<sha>.npz``:
 the refine quantizer (float32 arrays, no pickle), trained by the gallery's first encode and
 reused by every later one and by queries.
@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.refine import NBITS, SCORING, TRANSFORM, RefineQuantizer
+from model.refine import NBITS, SCORING, TRANSFORM, RefineQuantizer
 from storage import files, urls
 from storage.manifest import FileEntry, read_manifest
 from storage.tables import iter_batches, read_table, write_table

@@ -25,7 +25,7 @@ code spends a stated budget of ``B`` more bytes a face instead, as faiss's refin
 With fewer than 256 training faces k-means cannot make 256 centroids; the centroids are then
 the training faces' own sub-vectors (repeated to 256), exact for them. Stored without pickle:
 one ``.npz`` of float32 arrays (``mean``, ``transform``, ``centroids``) read with
-``allow_pickle=False``; ``pipelines.gallery`` names it, with its sha256, in the manifest.
+``allow_pickle=False``; the gallery format (``pipelines.formats.gallery``) names it, with its sha256, in the manifest.
 """
 from __future__ import annotations
 
