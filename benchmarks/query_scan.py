@@ -147,19 +147,16 @@ def fixed_width_ids(start: int, n: int, prefix: bytes = b"g"):
 def write_synthetic_gallery(url, model_id, D, M, K, total, per_shard, seed=0):
     import pyarrow as pa
 
-    from pipelines.gallery import code_schema, code_type, gallery_metadata
-    from storage.manifest import Delta, commit, write_data_file
+    from pipelines.formats.gallery import code_table, gallery_metadata
+    from pipelines.formats.gallery_writer import list_files, write_code_shard
 
     rng = np.random.default_rng(seed)
-    schema = code_schema(M, K)
     entries = []
     for start in range(0, total, per_shard):
         n = min(per_shard, total - start)
-        codes = rng.integers(0, K, n * M, dtype=np.uint8)
-        table = pa.table({"face_id": fixed_width_ids(start, n), "identity": pa.nulls(n, pa.string()),
-                          "codes": pa.FixedSizeListArray.from_arrays(pa.array(codes, code_type(K)), M)}, schema=schema)
-        entries.append(write_data_file(url, table, subdir="codes", schema=schema))
-    commit(url, Delta(add=tuple(entries), metadata=gallery_metadata(model_id, D, M, K, "dct-orthonormal", {})))
+        codes = rng.integers(0, K, (n, M), dtype=np.uint8)
+        entries += write_code_shard(url, code_table(fixed_width_ids(start, n), pa.nulls(n, pa.string()), codes, M, K))
+    list_files(url, entries, gallery_metadata(model_id, D, M, K, "dct-orthonormal", {}))
 
 
 def tree_rss(pid):

@@ -81,7 +81,7 @@ from pipelines.encode.run import EncodeConfig  # noqa: E402
 from pipelines.evaluate.evaluation import evaluate_model  # noqa: E402
 from pipelines.evaluate.methods import METHODS, get_method, method_of, model_from_state, train_method  # noqa: E402
 from pipelines.evaluate.protocols import check_split, load_split, per_identity_split  # noqa: E402
-from pipelines.gallery import FEATURE_ROW_GROUP, code_schema, feature_table  # noqa: E402
+from pipelines.formats.gallery import FEATURE_ROW_GROUP, code_schema, feature_table  # noqa: E402
 from pipelines.image_folder import FaceSet, list_identity_folder, load_face_set  # noqa: E402
 from pipelines.inference import normalized_feature, stored_feature, stored_size  # noqa: E402
 from pipelines.query.kernels import topk  # noqa: E402

@@ -95,7 +95,7 @@ def model_gallery(where: dict) -> str:
 
 def encode(cfg: PipelineConfig, where: dict, out) -> dict:
     from pipelines.encode.run import EncodeConfig, encode_gallery
-    from pipelines.gallery import require_gallery
+    from pipelines.formats.gallery import require_gallery
 
     gallery_url = model_gallery(where)
     r = encode_gallery(where["model"], where["dataset"], gallery_url,
@@ -104,7 +104,7 @@ def encode(cfg: PipelineConfig, where: dict, out) -> dict:
                        out=out)
     gallery = require_gallery(gallery_url)
     return {"gallery": gallery_url, "encoded_now": r["faces"], "gallery_codes": gallery.rows,
-            "code_shards": len(gallery.shards), "bytes_per_code": gallery.M * (1 if gallery.K <= 256 else 2)}
+            "code_shards": len(gallery.shards), "bytes_per_code": gallery.bytes_per_code}
 
 
 def query(cfg: PipelineConfig, where: dict, out) -> dict:

@@ -15,7 +15,7 @@ from model.code_spread import SINK_MIN_ROWS, SpreadCounter, code_spread, mixed_b
 from model.opqn import OPQN
 from pipelines.checkpoint import save_checkpoint
 from pipelines.cli import main as opqn_main
-from pipelines.encode.maintenance import info
+from pipelines.encode.gallery_info import info
 from pipelines.evaluate.evaluation import evaluate_url
 from pipelines.image_folder import list_identity_folder, load_face_set
 from pipelines.retrieval import evaluate_retrieval

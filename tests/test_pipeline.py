@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.checkpoint import load_checkpoint
-from pipelines.gallery import require_gallery
+from pipelines.formats.gallery import require_gallery
 from pipelines.pipeline import PipelineConfig, run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent

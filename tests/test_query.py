@@ -4,7 +4,6 @@ import json
 import shutil
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
@@ -12,11 +11,11 @@ from face_datasets import lfw_people, write_face_dataset
 from model.opqn import OPQN, OPQNConfig
 from model.scoring import lut_scores
 from pipelines.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_state
-from pipelines.gallery import TOMBSTONE_SCHEMA, code_schema, code_type, gallery_metadata
+from pipelines.formats.gallery import code_numpy_dtype, code_table, gallery_metadata
+from pipelines.formats.gallery_writer import list_files, write_code_shard, write_tombstones
 from pipelines.inference import stored_size
 from pipelines.query.run import RESULT_SCHEMA, QueryConfig, load_queries, query_batch, query_tables
 from pipelines.recipe import Recipe, make_optimizer
-from storage.manifest import Delta, commit, write_data_file
 from storage.tables import read_table
 
 SHAPES = {16: (4, 64), 64: (4, 256), 256: (2, 512), 512: (2, 1024)}  # K -> (M, D)
@@ -36,27 +35,21 @@ def random_codes(N, M, K, seed):
     """Codes drawn from a small pool, so identical codes (exact ties) sit in different shards."""
     rng = np.random.default_rng(seed)
     pool = rng.integers(0, K, (max(2, N // 4), M))
-    return pool[rng.integers(0, len(pool), N)].astype(np.uint8 if K <= 256 else np.uint16)
+    return pool[rng.integers(0, len(pool), N)].astype(code_numpy_dtype(K))
 
 
 def write_gallery(url, model_id, K, codes, face_ids, sizes, tombstones=(), M=None, D=None):
     """Code shards of the given sizes (in manifest order) and one tombstone file, committed."""
     M0, D0 = SHAPES[K]
     M, D = M or M0, D or D0
-    schema = code_schema(M, K)
     entries, start = [], 0
     for n in sizes:
-        part = codes[start:start + n]
-        table = pa.table({"face_id": face_ids[start:start + n], "identity": [None] * n,
-                          "codes": pa.FixedSizeListArray.from_arrays(pa.array(part.ravel(), code_type(K)), M)},
-                         schema=schema)
-        entries.append(write_data_file(url, table, subdir="codes", schema=schema))
+        entries += write_code_shard(url, code_table(face_ids[start:start + n], [None] * n, codes[start:start + n], M, K))
         start += n
     assert start == len(codes)
     if tombstones:
-        entries.append(write_data_file(url, pa.table({"face_id": list(tombstones)}, schema=TOMBSTONE_SCHEMA),
-                                       subdir="tombstones", schema=TOMBSTONE_SCHEMA))
-    commit(url, Delta(add=tuple(entries), metadata=gallery_metadata(model_id, D, M, K, "dct-orthonormal", {})))
+        entries.append(write_tombstones(url, list(tombstones)))
+    list_files(url, entries, gallery_metadata(model_id, D, M, K, "dct-orthonormal", {}))
     return url
 
 
@@ -94,10 +87,10 @@ def queries(lfw_dir, tmp_path_factory):
 def ray_local():
     import ray
 
-    from pipelines.train.run import init_ray
+    from pipelines.execution import start_ray
 
     ray.shutdown()
-    init_ray(num_cpus=2)
+    start_ray(num_cpus=2)
     yield
     ray.shutdown()
 

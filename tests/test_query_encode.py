@@ -8,10 +8,9 @@ import torch
 from face_datasets import write_face_dataset
 from model.scoring import lut_scores
 from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
-from pipelines.gallery import deleted_ids, require_gallery
+from pipelines.formats.gallery import deleted_ids, read_codes, require_gallery
 from pipelines.inference import stored_size
 from pipelines.query.run import load_queries, query_tables
-from pipelines.query.topk import read_codes
 from storage.tables import read_table
 
 
@@ -26,7 +25,7 @@ def ray_session():
 
 def test_query_a_gallery_written_by_encode(lfw_dir, tmp_path, capsys):
     from pipelines.cli import main
-    from pipelines.encode.maintenance import delete_faces
+    from pipelines.formats.gallery_writer import delete_faces
     from pipelines.encode.run import EncodeConfig, encode_gallery
     from pipelines.train_local import TrainConfig, train_local
 

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from model.scoring import lut_scores
+from pipelines.formats.gallery import code_numpy_dtype
 from pipelines.query import kernels as kn
 from pipelines.query.topk import ShardTask, group_shards, merge_topk
 
 
 def make_case(nq, M, K, N, seed, kind="softmax", dup=0.2):
     rng = np.random.default_rng(seed)
-    codes = rng.integers(0, K, (N, M)).astype(np.uint8 if K <= 256 else np.uint16)
+    codes = rng.integers(0, K, (N, M)).astype(code_numpy_dtype(K))
     n_dup = int(dup * N)  # identical codes: exact score ties
     codes[rng.choice(N, n_dup, replace=False)] = codes[rng.integers(0, N, n_dup)]
     t = rng.standard_normal((nq, M, K))

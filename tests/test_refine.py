@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
-from pipelines.encode.maintenance import info
+from pipelines.encode.gallery_info import info
 from pipelines.encode.run import EncodeConfig, encode_gallery
 from pipelines.faces import decode_batch
-from pipelines.gallery import load_quantizer, paired_path, require_gallery
+from pipelines.formats.gallery import load_quantizer, paired_path, require_gallery
 from pipelines.inference import normalized_feature, stored_size
 from pipelines.query.run import QueryConfig, query_batch
 from pipelines.recipe import config_from_args

@@ -22,13 +22,13 @@ from test_query import assert_same
 from model.opqn import OPQN, VARIANTS, OPQNConfig
 from model.scoring import lut_scores
 from pipelines.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_state
-from pipelines.encode.maintenance import compact, delete_faces, info
+from pipelines.encode.gallery_info import info
 from pipelines.encode.run import EncodeConfig, encode_gallery
-from pipelines.gallery import (FEATURE_ROW_GROUP, deleted_ids, feature_path, load_quantizer, read_features,
-                               read_refine, require_gallery)
+from pipelines.formats.gallery import (FEATURE_ROW_GROUP, deleted_ids, feature_path, load_quantizer, read_codes,
+                                       read_features, read_refine, require_gallery)
+from pipelines.formats.gallery_writer import compact, delete_faces
 from pipelines.inference import stored_size
 from pipelines.query.run import QueryConfig, load_queries, query_batch, query_inputs
-from pipelines.query.topk import read_codes
 from pipelines.recipe import config_from_args, make_optimizer
 from pipelines.retrieval import embed
 from pipelines.train_local import TrainConfig, train_local

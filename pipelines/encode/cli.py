@@ -9,7 +9,7 @@ from pipelines.recipe import add_config_arguments, config_from_args
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("encode", help="encode a face dataset's new shards into a gallery of codes (Ray Data)",
+    p = subparsers.add_parser("encode", help="encode a face dataset's new shards into a gallery of codes (one Ray task per source shard)",
                               description="Writes GALLERY/codes/part-*.parquet and the manifest. --store-features "
                                           "also writes each face's l2-normalised float feature as float16 (2 x D bytes "
                                           "a face) to GALLERY/features/, for `opqn query --rerank`. --refine-bytes B "
@@ -21,7 +21,13 @@ def register(subparsers) -> None:
     p.add_argument("model_url")
     p.add_argument("dataset")
     p.add_argument("gallery")
-    add_config_arguments(p, EncodeConfig)
+    add_config_arguments(p, EncodeConfig, skip=("actors", "threads_per_actor"))
+    p.add_argument("--actors", type=int, default=EncodeConfig.actors,
+                   help="source shards encoded at once: at most this many encode tasks (one per source shard, "
+                        "each worker holding the model) running or queued; 0: two per task slot of the cluster "
+                        "(default: 0)")
+    p.add_argument("--threads-per-actor", type=int, default=EncodeConfig.threads_per_actor,
+                   help="CPUs each encode task asks Ray for, and its torch threads (default: 1)")
     p.set_defaults(func=run_encode)
 
     g = subparsers.add_parser("gallery", help="inspect and maintain a gallery: info, delete, compact")
@@ -50,7 +56,7 @@ def run_encode(args) -> int:
 
 
 def run_delete(args) -> int:
-    from pipelines.encode.maintenance import delete_faces
+    from pipelines.formats.gallery_writer import delete_faces
 
     ids = list(args.face_ids)
     if args.from_file:
@@ -66,14 +72,14 @@ def run_delete(args) -> int:
 
 
 def run_compact(args) -> int:
-    from pipelines.encode.maintenance import compact
+    from pipelines.formats.gallery_writer import compact
 
     print(json.dumps(compact(args.gallery)))
     return 0
 
 
 def run_info(args) -> int:
-    from pipelines.encode.maintenance import info
+    from pipelines.encode.gallery_info import info
 
     for key, value in info(args.gallery).items():
         print(value if key == "warning" else f"{key}: {value}")  # the warning names itself

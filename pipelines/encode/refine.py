@@ -5,7 +5,7 @@ by different encode runs are comparable and queries decode them all the same way
 encode that writes refine codes into a gallery trains it, in the driver, on the gallery's own
 faces: the first ``refine_sample`` faces (of the selected splits) of the source shards it is
 about to encode, in their listed order, so the same dataset gives the same quantizer. Their
-features are computed here with the model, as the encoder actors will compute them; training
+features are computed here with the model, as the encode tasks will compute them; training
 is seeded (``model.refine.TRAIN_SEED``). The quantizer file is written before any code
 shard and listed, with the manifest's ``refine`` entry, in the run's first commit; every later
 encode (and every query) reads it back from the gallery.
@@ -17,11 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.refine import check_bytes, train_quantizer
 from pipelines.checkpoint import model_from_checkpoint
-from pipelines.gallery import Gallery, write_quantizer
+from pipelines.formats.gallery import Gallery
+from pipelines.formats.gallery_writer import write_quantizer
 from pipelines.image_folder import decode_face
 from pipelines.inference import normalized_feature, stored_size
-from model.refine import check_bytes, train_quantizer
 from pipelines.retrieval import embed
 from storage.manifest import FileEntry
 from storage.tables import iter_batches

@@ -1,27 +1,34 @@
-"""Galleries: code shards plus a manifest, as in the data contract of docs/architecture.
+"""The gallery format: code shards, paired feature and refine shards, tombstones, the refine
+quantizer file and the manifest metadata. Its only reader and writer.
 
 ``<gallery>/codes/part-*.parquet``: face_id string, identity string (nullable), codes
-fixed-size list of M unsigned integers (uint8 when K <= 256, else uint16).
-``<gallery>/tombstones/part-*.parquet``: face_id of deleted faces (until compaction).
+fixed-size list of M unsigned integers (``code_type(K)``: uint8 when K <= 256, else uint16, as
+``model.opqn.code_dtype``). Rows of one source face shard, sorted by face_id, at most
+``shard_rows`` a file.
 ``<gallery>/features/part-*.parquet`` (only in a gallery encoded with ``--store-features``):
 face_id string, feature fixed-size list of D float16, the model's l2-normalised float feature
-(the vector whose cosine is evaluation's "float" upper bound), for exact re-ranking. Each
-feature shard pairs with the code shard of the same file name (``codes/part-X.parquet`` <->
-``features/part-X.parquet``): same rows in the same order, listed in the same commit and
-removed together by compaction.
+(the vector whose cosine is evaluation's "float" upper bound), for exact re-ranking.
 ``<gallery>/refine/part-*.parquet`` (only in a gallery encoded with ``--refine-bytes B``):
-face_id string, refine fixed-size list of B uint8, the face's refine code
-(``model.refine``: a B-byte product quantizer over the same normalised feature), paired
-with its code shard exactly as feature shards are. ``<gallery>/quantizer/refine-<sha>.npz``:
-the refine quantizer (float32 arrays, no pickle), trained by the gallery's first encode and
-reused by every later one and by queries.
-``<gallery>/manifest.json`` (storage.manifest) lists every kind of file; its metadata holds
+face_id string, refine fixed-size list of B uint8, the face's refine code (``model.refine``: a
+B-byte product quantizer over the same normalised feature). A feature or refine shard pairs
+with the code shard of the same file name (``codes/part-X.parquet`` <-> ``features/part-X.parquet``):
+same rows in the same order, in row groups of ``FEATURE_ROW_GROUP`` (re-ranking reads only the
+groups holding candidates), listed in the same commit and removed together by compaction.
+``<gallery>/quantizer/refine-<sha>.npz``: the refine quantizer (float32 arrays, no pickle),
+trained by the gallery's first encode and reused by every later one and by queries.
+``<gallery>/tombstones/part-*.parquet``: face_id of deleted faces (until compaction).
+``<gallery>/rejects/part-*.parquet``: face_id, source, reason of faces encode could not decode.
+``<gallery>/manifest.json`` (storage.manifest) lists every file; its metadata holds the kind,
 the format version, the model id, D, M, K, the codebook scheme, the source shards already
-encoded (the watermark for incremental runs), in a gallery with features only a ``features``
-entry (``{"dtype": "float16", "normalized": true}``) and in a gallery with refine codes only a
-``refine`` entry (bytes, nbits, dim, transform, scoring, the quantizer file's path, size and
-sha256, the faces it was trained on). A gallery is bound to one model id, and is either with
-or without features, and with or without refine codes (of one size), for its whole life.
+encoded (source key -> fingerprint: the watermark of incremental runs), in a gallery with
+features a ``features`` entry (``{"dtype": "float16", "normalized": true}``) and in a gallery
+with refine codes a ``refine`` entry (bytes, nbits, dim, transform, scoring, the quantizer
+file's manifest entry, the faces it was trained on). A gallery is bound to one model id, and is
+with or without features, and with or without refine codes (of one size), for its whole life.
+
+This module defines the layout and reads it (``open_gallery``, the shard readers, the
+quantizer file); ``pipelines.formats.gallery_writer`` writes it (shards, quantizer file,
+commits of encoded sources, tombstones, compaction).
 """
 from __future__ import annotations
 
@@ -32,10 +39,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from model.refine import NBITS, SCORING, TRANSFORM, RefineQuantizer
+from model.opqn import code_dtype
+from model.refine import NBITS, RefineQuantizer
 from storage import files, urls
 from storage.manifest import FileEntry, read_manifest
-from storage.tables import iter_batches, read_table, write_table
+from storage.tables import iter_batches, read_table
 
 KIND = "opqn-gallery"
 FORMAT_VERSION = 1
@@ -43,6 +51,7 @@ CODES_DIR = "codes"
 TOMBSTONES_DIR = "tombstones"
 FEATURES_DIR = "features"
 REFINE_DIR = "refine"
+REJECTS_DIR = "rejects"
 QUANTIZER_DIR = "quantizer"
 FEATURES_META = {"dtype": "float16", "normalized": True}  # the manifest's "features" entry
 # Rows per Parquet row group of a feature (or refine) shard: re-ranking reads only the row groups
@@ -50,15 +59,22 @@ FEATURES_META = {"dtype": "float16", "normalized": True}  # the manifest's "feat
 FEATURE_ROW_GROUP = 4096
 
 
+def code_numpy_dtype(K: int) -> np.dtype:
+    """numpy dtype of a code of K codewords (``model.opqn.code_dtype``: uint8 or uint16)."""
+    return np.dtype(str(code_dtype(K)).removeprefix("torch."))
+
+
 def code_type(K: int) -> pa.DataType:
-    return pa.uint8() if K <= 256 else pa.uint16()
+    return pa.from_numpy_dtype(code_numpy_dtype(K))
+
+
+def code_bytes(M: int, K: int) -> int:
+    """Bytes of one face's code."""
+    return M * code_numpy_dtype(K).itemsize
 
 
 def code_schema(M: int, K: int) -> pa.Schema:
     return pa.schema([("face_id", pa.string()), ("identity", pa.string()), ("codes", pa.list_(code_type(K), M))])
-
-
-TOMBSTONE_SCHEMA = pa.schema([("face_id", pa.string())])
 
 
 def feature_schema(D: int) -> pa.Schema:
@@ -69,31 +85,44 @@ def refine_schema(B: int) -> pa.Schema:
     return pa.schema([("face_id", pa.string()), ("refine", pa.list_(pa.uint8(), B))])
 
 
+TOMBSTONE_SCHEMA = pa.schema([("face_id", pa.string())])
+REJECT_SCHEMA = pa.schema([("face_id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
+
+
 def paired_path(code_path: str, directory: str) -> str:
     """The shard under ``directory`` that pairs with a code shard: the same file name."""
     return f"{directory}/{code_path.rsplit('/', 1)[-1]}"
 
 
 def feature_path(code_path: str) -> str:
-    """The feature shard that pairs with a code shard: same file name under features/."""
     return paired_path(code_path, FEATURES_DIR)
 
 
-def _list_table(face_ids: list[str], values: np.ndarray, column: str, schema: pa.Schema) -> pa.Table:
+def _list_table(columns: dict, column: str, values: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """A table of ``schema``: plain ``columns`` (Arrow arrays, lists or numpy arrays) plus the
+    fixed-size list ``column`` from (n, size) ``values``."""
     value_type = schema.field(column).type
     flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=value_type.value_type)
-    return pa.table({"face_id": pa.array(face_ids, pa.string()),
+    return pa.table({**{k: v if isinstance(v, pa.Array) else pa.array(v, schema.field(k).type)
+                        for k, v in columns.items()},
                      column: pa.FixedSizeListArray.from_arrays(flat, value_type.list_size)}, schema=schema)
 
 
-def feature_table(face_ids: list[str], features, D: int) -> pa.Table:
+def code_table(face_ids, identities, codes, M: int, K: int) -> pa.Table:
+    """A code shard's table from face ids, identities (None allowed) and (n, M) codes."""
+    return _list_table({"face_id": face_ids, "identity": identities}, "codes",
+                       np.asarray(codes, dtype=code_numpy_dtype(K)), code_schema(M, K))
+
+
+def feature_table(face_ids, features, D: int) -> pa.Table:
     """A feature shard's table from face ids and (n, D) features (stored as float16)."""
-    return _list_table(face_ids, np.asarray(features, dtype=np.float16), "feature", feature_schema(D))
+    return _list_table({"face_id": face_ids}, "feature", np.asarray(features, dtype=np.float16),
+                       feature_schema(D))
 
 
-def refine_table(face_ids: list[str], codes, B: int) -> pa.Table:
+def refine_table(face_ids, codes, B: int) -> pa.Table:
     """A refine shard's table from face ids and (n, B) uint8 refine codes."""
-    return _list_table(face_ids, np.asarray(codes, dtype=np.uint8), "refine", refine_schema(B))
+    return _list_table({"face_id": face_ids}, "refine", np.asarray(codes, dtype=np.uint8), refine_schema(B))
 
 
 def list_matrix(table: pa.Table, column: str, size: int, value_types: tuple, what: str) -> np.ndarray:
@@ -145,33 +174,6 @@ def live_rows(face_ids: pa.Array, deleted: pa.Array | None) -> np.ndarray | None
     return None if live.all() else np.flatnonzero(live)
 
 
-def write_paired_shard(gallery_url: str, code_entry: FileEntry, table: pa.Table, directory: str,
-                       storage_options: dict | None = None) -> FileEntry:
-    """Write the shard under ``directory`` (features/, refine/) paired with ``code_entry``, in row
-    groups of FEATURE_ROW_GROUP rows (not listed until committed)."""
-    if table.num_rows != code_entry.rows:
-        raise ValueError(f"{directory} shard for {code_entry.path} has {table.num_rows} rows, the code shard "
-                         f"{code_entry.rows}")
-    path = paired_path(code_entry.path, directory)
-    written = write_table(urls.join(gallery_url, path), table, table.schema, storage_options, exclusive=True,
-                          row_group_size=FEATURE_ROW_GROUP)
-    return FileEntry(path=path, rows=written.rows, size=written.size, sha256=written.sha256)
-
-
-def write_quantizer(gallery_url: str, quantizer: RefineQuantizer, trained_on: int,
-                    storage_options: dict | None = None) -> tuple[FileEntry, dict]:
-    """Write the refine quantizer under quantizer/ (named by its content hash, so a re-run that
-    trains the same quantizer writes the same file); returns its manifest entry (to list in the
-    gallery's first commit with refine codes) and the manifest's ``refine`` entry."""
-    data = quantizer.to_bytes()
-    path = f"{QUANTIZER_DIR}/refine-{hashlib.sha256(data).hexdigest()[:16]}.npz"
-    size, sha = files.write_bytes_atomic(urls.join(gallery_url, path), data, storage_options)
-    entry = FileEntry(path=path, rows=0, size=size, sha256=sha)
-    meta = {"bytes": quantizer.bytes, "nbits": NBITS, "dim": quantizer.dim, "transform": TRANSFORM,
-            "scoring": SCORING, "trained_on": int(trained_on), "quantizer": entry.to_dict()}
-    return entry, meta
-
-
 @dataclass(frozen=True)
 class Gallery:
     url: str
@@ -192,6 +194,10 @@ class Gallery:
     @property
     def rows(self) -> int:
         return sum(s.rows for s in self.shards)
+
+    @property
+    def bytes_per_code(self) -> int:
+        return code_bytes(self.M, self.K)
 
     @property
     def has_features(self) -> bool:

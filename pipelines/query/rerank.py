@@ -8,14 +8,14 @@ With ``QueryConfig.rerank = R`` (a gallery encoded with ``--store-features``):
 2. Each candidate gets its exact score: ``exact = cosine(query feature, stored feature)``,
    both sides l2-normalised, the dot product taken in float64 and rounded to float32
    (``pipelines.inference.exact_cosine``), the stored side being the float16 feature of the
-   gallery's feature shard (``pipelines.gallery``).
+   gallery's feature shard (``pipelines.formats.gallery``).
 3. The top-k of the R candidates by (exact desc, then gallery position (shard, row) asc) are
    the results, ``score`` = the exact cosine.
 
 Where the exact scores are computed: in the scan tasks. A task that has merged its shards'
 top-R reads, for each of its shards holding a candidate, only the row groups of that shard's
 feature file that hold candidates (feature shards are written in row groups of
-``pipelines.gallery.FEATURE_ROW_GROUP`` rows), and attaches ``exact`` to its top-R rows. The driver merges the
+``pipelines.formats.gallery.FEATURE_ROW_GROUP`` rows), and attaches ``exact`` to its top-R rows. The driver merges the
 tasks' top-R by the PQ order as before (so the candidate set is the global PQ top-R, whatever
 the grouping of shards into tasks) and only then orders by ``exact``. The driver never reads a
 feature; a task holds one row group of features at a time and computes scores in chunks of
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipelines.gallery import feature_matrix, refine_matrix
+from pipelines.formats.gallery import feature_matrix, refine_matrix
 from pipelines.inference import exact_cosine
 from pipelines.query.topk import TOPK_SCHEMA, ShardTask, best_per_query, empty_topk
 from model.refine import RefineQuantizer
