@@ -1,7 +1,8 @@
 """Batch query stage: exact LUT scoring of gallery code shards in Ray tasks, per-task top-k, merge.
 
 ``kernels`` (score a block of codes: torch gather-sum, faiss IndexPQ / IndexPQFastScan with a
-certified exact re-rank), ``topk`` (one shard, one task's group of shards, the merge), ``rerank``
-(``--rerank R``: the PQ top-R re-scored by the cosine of the stored float features), ``run``
-(the driver ``query_batch``), ``cli`` (``opqn query``).
+certified exact re-rank), ``topk`` (one shard's top-k, the merge, the grouping of shards into
+tasks), ``rerank`` (``--rerank R`` / ``--refine R``: the PQ top-R re-scored by the stored float
+features or refine codes), ``scan`` (one task's scan and the fan-out over tasks), ``run`` (the
+driver ``query_batch``), ``cli`` (``opqn query``).
 """

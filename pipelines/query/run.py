@@ -10,7 +10,7 @@
    query: ``model.tables_from_features(embed(...))``. No queries: an empty result and a warning.
 3. Consecutive code shards (manifest order) are grouped into tasks of about
    ``cfg.rows_per_task`` codes; each Ray task scans its shards one at a time
-   (``topk.scan_shards``) and returns its top-k per query. At most ``cfg.max_in_flight`` tasks
+   (``scan.scan_shards``) and returns its top-k per query. At most ``cfg.max_in_flight`` tasks
    run at once and results are merged as they arrive, so memory is bounded by the shards in
    flight and the top-k tables, whatever the gallery size. Tombstoned faces are dropped.
 4. Optional exact re-rank (``cfg.rerank = R >= top_k``, a gallery encoded with
@@ -39,12 +39,14 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.checkpoint import load_checkpoint, model_from_checkpoint, require_opqn
-from pipelines.gallery import deleted_ids, load_quantizer, require_gallery
+from pipelines.execution import EXECUTORS, start_ray
+from pipelines.formats.gallery import deleted_ids, load_quantizer, require_gallery
 from pipelines.inference import stored_size
 from pipelines.progress import Progress, format_seconds
 from pipelines.query.kernels import KERNELS, check_kernel, choose_kernel
 from pipelines.query.rerank import Rescorer, check_depth, rerank_topk
-from pipelines.query.topk import ShardTask, empty_topk, group_shards, merge_topk, scan_shards
+from pipelines.query.scan import ScanSettings, scan_gallery
+from pipelines.query.topk import ShardTask, empty_topk, group_shards
 from storage import urls
 from storage.tables import write_table
 
@@ -85,7 +87,7 @@ class QueryConfig:
                              f"float features (--rerank) or by the compact refine codes (--refine), not both")
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown kernel {self.kernel!r}; choose from {KERNELS}")
-        if self.executor not in ("ray", "local"):
+        if self.executor not in EXECUTORS:
             raise ValueError(f"executor must be 'ray' or 'local', got {self.executor!r}")
         if self.rows_per_task < 1 or self.threads_per_task < 1 or self.max_in_flight < 0:
             raise ValueError("rows_per_task and threads_per_task must be >= 1, max_in_flight >= 0")
@@ -152,65 +154,6 @@ def results_table(best: pa.Table, query_ids: list[str]) -> pa.Table:
                      "face_id": best.column("face_id"), "score": best.column("score")}, schema=RESULT_SCHEMA)
 
 
-def _scan_task(*args):
-    """A Ray task: ``scan_shards`` plus the id of the node it ran on."""
-    import ray
-
-    return scan_shards(*args), ray.get_runtime_context().get_node_id()
-
-
-def scan_gallery(tables: np.ndarray, groups: list[list[ShardTask]], deleted: pa.Array, cfg: QueryConfig,
-                 storage_options: dict | None, progress: Progress, nodes: set | None = None,
-                 rescorer: Rescorer | None = None):
-    """``scan_shards`` for every group (Ray tasks, at most ``max_in_flight`` submitted at once,
-    or in this process), merged as results arrive; returns the global top-k table (top-R rows
-    with their ``exact`` column when a ``rescorer`` is given for a re-rank)."""
-    depth = cfg.depth
-    best = empty_topk()
-    done_codes = 0
-
-    def report(group):
-        nonlocal done_codes
-        done_codes += sum(s.rows for s in group)
-        rate = done_codes / max(progress.elapsed(), 1e-9)
-        progress.update(len(group), extra=f"{done_codes} codes, {rate:,.0f} codes/s")
-
-    if cfg.executor == "local":
-        for group in groups:
-            best = merge_topk([best, scan_shards(tables, group, depth, deleted, cfg.kernel, storage_options,
-                                                 0, rescorer)], depth)
-            report(group)
-        return best
-
-    import ray
-
-    from pipelines.train.run import init_ray
-
-    init_ray()  # a no-op when query_batch already started it
-    max_in_flight = cfg.max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1) // cfg.threads_per_task))
-    # SPREAD: scans are I/O + memory bound, so use every node's bandwidth rather than packing
-    remote = ray.remote(_scan_task).options(num_cpus=cfg.threads_per_task, num_gpus=cfg.gpus_per_task,
-                                            max_retries=3, scheduling_strategy="SPREAD")
-    tables_ref, deleted_ref = ray.put(tables), ray.put(deleted)
-    rescorer_ref = ray.put(rescorer) if rescorer is not None else None
-    pending = list(reversed(groups))
-    in_flight: dict = {}
-    while pending or in_flight:
-        while pending and len(in_flight) < max_in_flight:
-            group = pending.pop()
-            ref = remote.remote(tables_ref, group, depth, deleted_ref, cfg.kernel, storage_options,
-                                cfg.threads_per_task, rescorer_ref)
-            in_flight[ref] = group
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        group = in_flight.pop(ready[0])
-        part, node = ray.get(ready[0])
-        if nodes is not None:
-            nodes.add(node)
-        best = merge_topk([best, part], depth)
-        report(group)
-    return best
-
-
 def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url: str,
                 cfg: QueryConfig | None = None, storage_options: dict | None = None, out=None) -> dict:
     """Rank the gallery for every query; write the results; return a summary (see the module docstring).
@@ -256,9 +199,7 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
           f"executor {cfg.executor}",
           file=out, flush=True)
     if nq and cfg.executor == "ray":
-        from pipelines.train.run import init_ray
-
-        init_ray()  # before the clock starts: the scan rate should not include Ray's start-up
+        start_ray()  # before the clock starts: the scan rate should not include Ray's start-up
     t_scan = time.monotonic()
     nodes: set = set()
     if nq == 0:
@@ -268,7 +209,11 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
         progress = Progress(len(shards), "shards", "query", cfg.progress_interval, out)
         rescorer = (Rescorer.exact(features) if cfg.rerank else Rescorer.refine(quantizer, features) if cfg.refine
                     else None)
-        best = scan_gallery(tables, groups, deleted, cfg, storage_options, progress, nodes, rescorer)
+        settings = ScanSettings(cfg.depth, cfg.kernel, storage_options,
+                                threads=cfg.threads_per_task if cfg.executor == "ray" else 0)
+        best = scan_gallery(tables, groups, deleted, settings, progress, executor=cfg.executor,
+                            max_in_flight=cfg.max_in_flight, cpus_per_task=cfg.threads_per_task,
+                            gpus_per_task=cfg.gpus_per_task, nodes=nodes, rescorer=rescorer)
         if rescorer is not None:
             best = rerank_topk(best, cfg.top_k)
     scan_seconds = time.monotonic() - t_scan

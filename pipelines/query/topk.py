@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipelines.gallery import live_rows, read_codes  # noqa: F401  (read_codes: re-exported for callers)
+from pipelines.formats.gallery import live_rows, read_codes
 from pipelines.query.kernels import topk as kernel_topk
 
 TOPK_SCHEMA = pa.schema([("query", pa.int32()), ("score", pa.float32()), ("shard", pa.int32()),
@@ -76,29 +76,6 @@ def merge_topk(parts: list[pa.Table], k: int) -> pa.Table:
     if not parts:
         return empty_topk()
     return best_per_query(pa.concat_tables(parts), k)
-
-
-def scan_shards(tables: np.ndarray, shards: list[ShardTask], k: int, deleted: pa.Array | None = None,
-                kernel: str = "auto", storage_options: dict | None = None, threads: int = 0,
-                rescorer=None) -> pa.Table:
-    """One task's work: each shard in turn (one in memory at a time), merged as it goes.
-
-    With a ``rescorer`` (``pipelines.query.rerank.Rescorer``) the task's top-k rows also get
-    their re-rank score (column ``exact``), from the shards' paired feature or refine files."""
-    if threads:
-        import faiss
-        import torch
-
-        torch.set_num_threads(threads)
-        faiss.omp_set_num_threads(threads)
-    best = empty_topk()
-    for shard in shards:
-        best = merge_topk([best, shard_topk(tables, shard, k, deleted, kernel, storage_options)], k)
-    if rescorer is not None:
-        from pipelines.query.rerank import attach_exact
-
-        best = attach_exact(best, shards, rescorer, storage_options)
-    return best
 
 
 def group_shards(shards: list[ShardTask], rows_per_task: int, max_shards_per_task: int = 0) -> list[list[ShardTask]]:
