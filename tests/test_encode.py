@@ -12,9 +12,10 @@ import torch
 
 from face_datasets import write_face_dataset
 from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
-from pipelines.encode.maintenance import compact, delete_faces, info
+from pipelines.encode.gallery_info import info
 from pipelines.encode.run import EncodeConfig, encode_gallery
-from pipelines.gallery import deleted_ids, require_gallery
+from pipelines.formats.gallery import deleted_ids, require_gallery
+from pipelines.formats.gallery_writer import compact, delete_faces
 from pipelines.inference import codes_from_images, stored_size
 from pipelines.train_local import TrainConfig, train_local
 from storage.manifest import read_manifest
@@ -125,12 +126,18 @@ def test_deletions_then_compaction_keep_every_other_face(dataset, model_url, tmp
 def test_killed_run_then_rerun_has_no_duplicate_or_missing_face(lfw_dir, model_url, tmp_path):
     ds = write_face_dataset(tmp_path / "ds", lfw_dir, identities=8, photos=10, shards=10)
     gallery = tmp_path / "gallery"
-    cmd = [sys.executable, "-m", "pipelines.cli", "encode", model_url, str(ds), str(gallery), "--batch-size", "2",
-           "--commit-seconds", "0"]
-    # kill -9 between commits, deterministically: right after the 3rd source shard is committed
-    # (--commit-seconds 0: one commit per source shard)
-    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OPQN_FAULT_KILL_AFTER_COMMITS": "3"})
+    args = ["encode", model_url, str(ds), str(gallery), "--batch-size", "2", "--commit-seconds", "0"]
+    cmd = [sys.executable, "-m", "pipelines.cli", *args]
+    # kill -9 between commits, deterministically: a commit hook kills the process right after
+    # the 3rd source shard is committed (--commit-seconds 0: one commit per source shard)
+    kill_after_third_commit = (
+        "import os, signal, sys\n"
+        "from storage import manifest\n"
+        "manifest.COMMIT_HOOKS.append(lambda root, m: m.generation >= 3 and os.kill(os.getpid(), signal.SIGKILL))\n"
+        "from pipelines.cli import main\n"
+        f"sys.exit(main({args!r}))\n")
+    killed = subprocess.run([sys.executable, "-c", kill_after_third_commit], capture_output=True, text=True,
+                            timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     partial = require_gallery(str(gallery))
     assert len(partial.encoded_sources) == 3

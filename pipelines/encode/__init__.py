@@ -1,1 +1,2 @@
-"""Gallery encoding: face shards -> code shards with a gallery manifest (Ray Data)."""
+"""Gallery encoding: face shards -> code shards with a gallery manifest (one task per source
+shard), and the `opqn gallery` maintenance commands."""

@@ -1,67 +1,110 @@
-"""The per-batch work of encoding: a callable class Ray Data runs in an actor pool.
+"""One encode task: a source face shard in, its code (feature, refine) shards written, not yet listed.
 
-Each actor loads the model once (GPU when asked and present) and turns batches of encoded
-face crops into hard codes, and with ``store_features`` also into the l2-normalised float
-feature as float16 (``pipelines.inference.stored_feature``: the vector evaluation's float
-upper bound takes the cosine of), and with ``refine`` also into the refine code of that
-normalised feature (``model.refine``; the quantizer is read from the gallery once per
-actor and checked against its sha256). A face whose image cannot be decoded becomes a reject
-with its reason instead of failing the whole run.
+``encode_source`` runs once per source shard (``pipelines.execution.run_tasks``, on Ray or in
+this process). The model is built once per worker process (``execution.process_cached``, keyed by
+the model id) from the checkpoint state the driver planned with, which every task reads from the
+object store: all tasks encode with exactly that model, never with a re-read of its URL. Faces
+are decoded and encoded ``batch_size`` at a time into hard codes, with ``store_features`` also
+into the l2-normalised float feature as float16 (``pipelines.inference.stored_feature``: the
+vector evaluation's float upper bound takes the cosine of), and with a refine quantizer also
+into the refine code of that normalised feature (``model.refine``; the quantizer file is read
+from the gallery once per process and checked against its sha256). A face whose image cannot be
+decoded becomes a reject with its reason instead of failing the whole run. The task writes the
+source's shards (``pipelines.formats.gallery_writer.write_source``) and returns their manifest
+entries; the driver lists them in a commit.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+from pipelines.checkpoint import model_from_checkpoint
+from pipelines.execution import process_cached
+from pipelines.faces import read_face_columns
+from pipelines.formats.gallery import code_numpy_dtype, read_quantizer
+from pipelines.formats.gallery_writer import write_source
 from pipelines.image_folder import decode_face
-from pipelines.gallery import read_quantizer
 from pipelines.inference import normalized_feature, stored_size
 from pipelines.retrieval import embed
+from storage.manifest import FileEntry
+
+TRAINING_ONLY = ("optimizer", "scheduler", "history")  # checkpoint parts an encode task never reads
 
 
-class Encoder:
-    def __init__(self, model_url: str, splits: tuple = (), threads: int = 1, use_gpu: bool = False,
-                 store_features: bool = False, refine: dict | None = None):
-        torch.set_num_threads(max(1, threads))
-        state = load_checkpoint(model_url)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = model_from_checkpoint(state).to(self.device)
-        self.size = stored_size(state)
-        self.M = self.model.cfg.M
-        self.splits = set(splits)
-        self.store_features = store_features
-        # refine: {"gallery": URL, "quantizer": the manifest entry of the quantizer file}
-        self.refine = read_quantizer(refine["gallery"], refine["quantizer"]) if refine else None
+def model_state(state: dict) -> dict:
+    """The checkpoint without its training-only parts: what every task gets through the object store."""
+    return {k: v for k, v in state.items() if k not in TRAINING_ONLY}
 
-    def __call__(self, batch: dict) -> dict:
-        keep = np.ones(len(batch["face_id"]), dtype=bool)
-        if self.splits:
-            keep &= np.isin(batch["split"], list(self.splits))
-        images, reasons = [], []
-        for i in np.flatnonzero(keep):
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """What every encode task of a run shares besides the model."""
+
+    gallery_url: str
+    splits: tuple  # face splits to encode; empty: every face
+    batch_size: int
+    shard_rows: int
+    threads: int  # torch threads of a task; 0 leaves the process's setting (in-process runs)
+    use_gpu: bool
+    store_features: bool
+    refine_quantizer: dict | None = None  # manifest entry of the gallery's refine quantizer file
+
+
+def _model(state: dict, device: torch.device):
+    return process_cached(("encode-model", state["model_id"], str(device)),
+                          lambda: model_from_checkpoint(state).to(device))
+
+
+def _quantizer(job: EncodeJob):
+    if job.refine_quantizer is None:
+        return None
+    entry = job.refine_quantizer
+    return process_cached(("refine-quantizer", job.gallery_url, entry["sha256"]),
+                          lambda: read_quantizer(job.gallery_url, entry))
+
+
+def encode_source(source: tuple, state: dict, job: EncodeJob) -> tuple[list[FileEntry], int, int]:
+    """Encode one source face shard (``source``: its (url, key, fingerprint) from ``face_shards``)
+    and write its shards; returns (manifest entries, faces encoded, faces rejected)."""
+    url, key = source[0], source[1]
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
+    model, quantizer, size = _model(state, device), _quantizer(job), stored_size(state)
+    cfg = model.cfg
+    table = read_face_columns([url], ("face_id", "identity", "split", "image"))
+    if job.splits:
+        table = table.filter(np.isin(np.asarray(table.column("split").to_pylist(), dtype=object), list(job.splits)))
+    face_ids = np.asarray(table.column("face_id").to_pylist(), dtype=object)
+    identities = np.asarray(table.column("identity").to_pylist(), dtype=object)
+    images = table.column("image")
+    n = len(face_ids)
+    reasons = np.full(n, "", dtype=object)
+    codes = np.zeros((n, cfg.M), dtype=code_numpy_dtype(cfg.K))
+    features = np.zeros((n, cfg.D), dtype=np.float16) if job.store_features else None
+    refine = np.zeros((n, quantizer.bytes), dtype=np.uint8) if quantizer is not None else None
+    for start in range(0, n, job.batch_size):
+        decoded, rows = [], []
+        for i, data in enumerate(images.slice(start, job.batch_size).to_pylist(), start):
             try:
-                images.append(decode_face(bytes(batch["image"][i]), self.size))
-                reasons.append("")
+                decoded.append(decode_face(bytes(data), size))
+                rows.append(i)
             except Exception as exc:  # undecodable crop: a reject, not a crash
-                reasons.append(f"image cannot be decoded: {exc}")
-        idx = np.flatnonzero(keep)
-        ok = np.array([r == "" for r in reasons], dtype=bool)
-        codes = np.zeros((len(idx), self.M), dtype=np.uint16 if self.model.cfg.K > 256 else np.uint8)
-        features = np.zeros((len(idx), self.model.cfg.D), dtype=np.float16) if self.store_features else None
-        refine = np.zeros((len(idx), self.refine.bytes), dtype=np.uint8) if self.refine else None
-        if ok.any():
-            x = embed(self.model, torch.from_numpy(np.stack(images)).to(self.device))
-            codes[ok] = self.model.codes_from_features(x).cpu().numpy()
-            normalized = normalized_feature(x) if features is not None or refine is not None else None
+                reasons[i] = f"image cannot be decoded: {exc}"
+        if not rows:
+            continue
+        x = embed(model, torch.from_numpy(np.stack(decoded)).to(device))
+        codes[rows] = model.codes_from_features(x).cpu().numpy()
+        if features is not None or refine is not None:
+            normalized = normalized_feature(x)
             if features is not None:
-                features[ok] = normalized.astype(np.float16)  # pipelines.inference.stored_feature
+                features[rows] = normalized.astype(np.float16)  # pipelines.inference.stored_feature
             if refine is not None:
-                refine[ok] = self.refine.encode(normalized)
-        out = {"face_id": batch["face_id"][idx], "identity": batch["identity"][idx], "path": batch["path"][idx],
-               "codes": codes, "reject": np.array(reasons, dtype=object)}
-        if features is not None:
-            out["features"] = features
-        if refine is not None:
-            out["refine"] = refine
-        return out
+                refine[rows] = quantizer.encode(normalized)
+    ok = reasons == ""
+    entries = write_source(job.gallery_url, key, face_ids[ok], identities[ok], codes[ok], cfg.M, cfg.K,
+                           job.shard_rows, features[ok] if features is not None else None,
+                           refine[ok] if refine is not None else None, (face_ids[~ok], reasons[~ok]))
+    return entries, int(ok.sum()), int((~ok).sum())
