@@ -34,10 +34,10 @@ from PIL import Image
 
 from memory import PeakMemory
 from model.opqn import OPQN, config_for_variant
-from pipelines.checkpoint import save_checkpoint
+from pipelines.formats.checkpoint import save_checkpoint
 from pipelines.encode.run import EncodeConfig, encode_gallery
 from pipelines.faces import decode_batch
-from pipelines.retrieval import embed
+from model.features import embed
 
 SCHEMA = pa.schema([("face_id", pa.string()), ("identity", pa.string()), ("source", pa.string()),
                     ("split", pa.string()), ("image", pa.binary()), ("box", pa.list_(pa.float32(), 4)),
@@ -73,8 +73,8 @@ def synthetic_dataset(root: Path, faces: int, side: int, shard_rows: int) -> Pat
 
 
 def plain_loop(model_url: str, dataset: Path, batch_size: int) -> tuple[int, float]:
-    from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
-    from pipelines.inference import stored_size
+    from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint
+    from pipelines.formats.checkpoint import stored_size
 
     torch.set_num_threads(os.cpu_count() or 1)  # the plain loop may use every core
     t0 = time.monotonic()

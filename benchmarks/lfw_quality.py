@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import fields, replace
 
-from pipelines.train_local import TrainConfig, prepare_sets, train_local
+from pipelines.train.local import TrainConfig, prepare_sets, train_local
 
 # bits -> (K, D): 2x256 / 4x256 / 6x256 with square codebooks (D = M*K).
 CONFIGS = {16: (256, 0), 32: (256, 0), 48: (256, 0)}

@@ -1,6 +1,6 @@
 """Analogues of the OPQN paper's Tables I, III and IV on CPU-sized data and budget.
 
-Every method is trained by the same loop (``pipelines.evaluate.methods.train_method``) on the
+Every method is trained by the same loop (``pipelines.train.local.train_method``) on the
 same backbone (ResNet20 at ``--width``, ``--image-size`` px), data and epochs.
 
 - Table I (single-domain): LFW identities with >= 10 photos, 20% of each identity's photos
@@ -35,14 +35,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 
-from pipelines.checkpoint import checkpoint_exists, load_checkpoint
+from model.registry import METHODS, get_method
 from pipelines.evaluate.evaluation import DEFAULT_TS, evaluate_model
-from pipelines.evaluate.methods import METHODS, get_method, model_from_state, train_method
 from pipelines.evaluate.protocols import load_split
 from pipelines.evaluate.report import plot_pr, plot_precision_at
+from pipelines.formats.checkpoint import checkpoint_exists, load_checkpoint, model_from_checkpoint
 from pipelines.progress import format_seconds
 from pipelines.settings import data_root
-from pipelines.train_local import TrainConfig, prepare_sets
+from pipelines.train.local import TrainConfig, prepare_sets, train_method
 
 ABLATIONS = ("opqn", "A", "C", "S", "W")
 
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         state = load_checkpoint(cfg.model_url) if checkpoint_exists(cfg.model_url) else None
         if state is not None and state.get("train") == asdict(cfg) and state.get("epoch") == args.epochs:
-            model, _ = model_from_state(state)
+            model = model_from_checkpoint(state)
             info = {"train_seconds": state.get("train_seconds"), "final_loss": state["history"][-1]["loss"], "reused_checkpoint": True}
         else:
             model, tinfo = train_method(method, cfg, train_set)

@@ -185,8 +185,8 @@ def e2e_part(args) -> dict:
 
     from face_datasets import write_face_dataset
     from model.opqn import OPQN, OPQNConfig
-    from pipelines.checkpoint import load_checkpoint, save_checkpoint, training_state
-    from pipelines.recipe import Recipe, make_optimizer
+    from pipelines.formats.checkpoint import load_checkpoint, save_checkpoint, training_state
+    from pipelines.train.recipe import Recipe, make_optimizer
     from pipelines.settings import dataset_dir
 
     M, K = args.M, 256

@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # fac
 from face_datasets import SCHEMA, face_row, write_face_dataset  # noqa: E402
 
 from pipelines.image_folder import list_identity_folder, query_split  # noqa: E402
-from pipelines.recipe import Recipe  # noqa: E402
 from pipelines.settings import dataset_dir  # noqa: E402
 from pipelines.train.config import RayTrainConfig  # noqa: E402
+from pipelines.train.local import TrainConfig, train_local  # noqa: E402
+from pipelines.train.recipe import Recipe  # noqa: E402
 from pipelines.train.run import train  # noqa: E402
-from pipelines.train_local import TrainConfig, train_local  # noqa: E402
 
 
 def main_job_dataset(root: Path, lfw: Path, min_photos: int = 10, shards: int = 9, size: int = 64) -> Path:

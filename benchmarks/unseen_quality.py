@@ -7,14 +7,14 @@ Protocol (the cross-domain case of docs/opqn-method.md):
   (seeded hash of the file name), the rest the database.
 - Training set: LFW identities with >= ``--min-train-photos`` (5) photos, none of them in the
   unseen set; every photo of them. One OPQN (``--method``, default ``opqn``) is trained with
-  ``pipelines.evaluate.methods.train_method`` (the trainer's loop and recipe).
+  ``pipelines.train.local.train_method`` (the trainer's loop and recipe).
 - mAP over the full ranking of the unseen database (``model.metrics``: ties by database index):
   ``map_pq`` the codes (LUT scores ``sum_m P_q[m, b_im]``), ``map_float`` the cosine of the
   model's l2-normalised float features (``pipelines.evaluate.evaluation.evaluate_model``: the
   same two numbers ``opqn evaluate --protocol cross`` reports), and ``map_rerank_R`` for each
   ``--rerank`` R: the PQ top-R (``pipelines.query.kernels.topk``, the query stage's scan: score
-  desc, then database index) re-scored by ``pipelines.inference.exact_cosine`` against the
-  features as a gallery stores them (``pipelines.inference.stored_feature``: normalised,
+  desc, then database index) re-scored by ``model.features.exact_cosine`` against the
+  features as a gallery stores them (``model.features.stored_feature``: normalised,
   float16), ordered by (cosine desc, index), followed by the rest of the database in PQ order.
   This is computed in-process with numpy/torch using the query stage's own functions, not
   through Ray and Parquet (``tests/test_rerank.py`` checks the stage equals this computation).
@@ -74,22 +74,22 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from model.features import embed, normalized_feature, stored_feature  # noqa: E402
 from model.metrics import retrieval_metrics  # noqa: E402
+from model.refine import train_quantizer  # noqa: E402
+from model.registry import METHODS, get_method, method_of  # noqa: E402
 from model.scoring import lut_scores  # noqa: E402
-from pipelines.checkpoint import checkpoint_exists, load_checkpoint, require_opqn  # noqa: E402
 from pipelines.encode.run import EncodeConfig  # noqa: E402
 from pipelines.evaluate.evaluation import evaluate_model  # noqa: E402
-from pipelines.evaluate.methods import METHODS, get_method, method_of, model_from_state, train_method  # noqa: E402
 from pipelines.evaluate.protocols import check_split, load_split, per_identity_split  # noqa: E402
+from pipelines.formats.checkpoint import (checkpoint_exists, load_checkpoint, model_from_checkpoint,  # noqa: E402
+                                          require_opqn, stored_size)
 from pipelines.formats.gallery import FEATURE_ROW_GROUP, code_schema, feature_table  # noqa: E402
 from pipelines.image_folder import FaceSet, list_identity_folder, load_face_set  # noqa: E402
-from pipelines.inference import normalized_feature, stored_feature, stored_size  # noqa: E402
 from pipelines.query.kernels import topk  # noqa: E402
 from pipelines.query.rerank import PAIR_CHUNK, Rescorer  # noqa: E402
-from model.refine import train_quantizer  # noqa: E402
-from pipelines.retrieval import embed  # noqa: E402
 from pipelines.settings import data_root  # noqa: E402
-from pipelines.train_local import TrainConfig  # noqa: E402
+from pipelines.train.local import TrainConfig, train_method  # noqa: E402
 from storage.tables import write_table  # noqa: E402
 
 SMOKE = {"train_ids": 24, "train_photos": 8, "unseen_ids": 150, "epochs": 1, "width": 0.125, "batch_size": 64}
@@ -147,7 +147,7 @@ def get_model(args, cfg: TrainConfig, method, lfw: str, unseen_ids: set):
     is, or a model trained with ``cfg`` on LFW identities outside the unseen set (saved there)."""
     if cfg.model_url and checkpoint_exists(cfg.model_url):
         state = require_opqn(load_checkpoint(cfg.model_url), cfg.model_url)
-        model, _ = model_from_state(state)
+        model = model_from_checkpoint(state)
         seen = sorted(set(state.get("classes") or []) & unseen_ids)
         if seen:
             raise SystemExit(f"{cfg.model_url} was trained on {len(seen)} of the unseen identities (e.g. {seen[:3]}): "

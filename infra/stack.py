@@ -129,7 +129,7 @@ def _pipeline_lines(log: str) -> str:
 
 def register(subparsers) -> None:
     from pipelines.pipeline import PipelineConfig
-    from pipelines.recipe import add_config_arguments
+    from pipelines.config_flags import add_config_arguments
 
     p = subparsers.add_parser("stack", help="start S3 + 2-node Ray + Prefect on 127.0.0.1, run the main job "
                               "through them, stop them", description=__doc__,

@@ -49,6 +49,3 @@ def orthonormal_codebooks(D: int, M: int, K: int, dtype: torch.dtype = torch.flo
         books.append(a @ books[-1])
     return torch.stack(books).to(dtype)
 
-
-def code_bits(M: int, K: int) -> float:
-    return M * math.log2(K)

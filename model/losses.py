@@ -2,7 +2,8 @@
 
 Sharing W_m between the feature branch and the soft-quantization branch is what pulls the
 quantized vector towards the class direction of its feature; the entropy term pushes each
-soft assignment p_m towards one codeword so the argmax code loses little.
+soft assignment p_m towards one codeword so the argmax code loses little. ``cfg`` is the
+network's ``model.opqn.OPQNConfig``.
 """
 from __future__ import annotations
 
@@ -11,10 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model.opqn import OPQNConfig
 
-
-def class_logits(v: torch.Tensor, W: torch.Tensor, cfg: OPQNConfig) -> torch.Tensor:
+def class_logits(v: torch.Tensor, W: torch.Tensor, cfg) -> torch.Tensor:
     """Per-group logits (B, G, classes) of v (B, G, dg) against W (G, dg, classes).
 
     CosFace: cosines of normalised vectors and normalised class columns, clamped to [-1, 1]
@@ -26,7 +25,7 @@ def class_logits(v: torch.Tensor, W: torch.Tensor, cfg: OPQNConfig) -> torch.Ten
     return cos.clamp(-1.0, 1.0)
 
 
-def margin_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, cfg: OPQNConfig) -> torch.Tensor:
+def margin_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, cfg) -> torch.Tensor:
     """Mean over groups of the batch-mean CE; CosFace logits r*(cos - u) for the true class."""
     if cfg.margin_loss == "cosface":
         onehot = F.one_hot(labels, logits.shape[-1]).to(logits.dtype).unsqueeze(1)
@@ -55,7 +54,7 @@ def usage_deficit(p: torch.Tensor) -> torch.Tensor:
 
 
 def opqn_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, W: torch.Tensor,
-              cfg: OPQNConfig) -> dict[str, torch.Tensor]:
+              cfg) -> dict[str, torch.Tensor]:
     """L = L_clf + lambda * L_ent (+ balance * usage deficit), with its parts and the x-branch accuracy."""
     xs, s = out["xs"], out["s"]
     if cfg.classifier == "concat":
@@ -76,11 +75,11 @@ def opqn_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, W: torch.Tenso
     return {"loss": loss, "clf": clf, "clf_x": clf_x, "clf_s": clf_s, "entropy": entropy, "acc": acc, **parts}
 
 
-class OPQNWithLoss(torch.nn.Module):
-    """The network and its loss as one module.
+class WithLoss(torch.nn.Module):
+    """A network (OPQN, DPQ, DCDH) and its ``training_loss`` as one module: what a trainer steps.
 
-    DDP synchronises the gradients of parameters used inside ``forward``; the class weights W
-    are only used by the loss, so the loss belongs inside the wrapped forward.
+    DDP synchronises the gradients of parameters used inside ``forward``; class weights and
+    centres are only used by the loss, so the loss belongs inside the wrapped forward.
     """
 
     def __init__(self, net):
@@ -88,4 +87,4 @@ class OPQNWithLoss(torch.nn.Module):
         self.net = net
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return opqn_loss(self.net(images), labels, self.net.W, self.net.cfg)
+        return self.net.training_loss(self.net(images), labels)

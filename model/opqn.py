@@ -8,14 +8,17 @@ whole table P_q (M x K): score(q, i) = sum_m P_q[m, b_im] (OPQN Eq. 18).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.backbone import ResNet20
-from model.codebooks import check_shape, orthonormal_codebooks
+from model.codebooks import orthonormal_codebooks
+from model.config import CodeShape, ConfigDict
+from model.losses import opqn_loss
+from model.scoring import lut_scores
 
 # The paper's ablations, each a set of config switches on top of OPQN.
 VARIANTS: dict[str, dict] = {
@@ -28,28 +31,8 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-class CodeShape:
-    """Shared by every product-quantization config (OPQN, DPQ): D = M*K when 0, shape checks,
-    sub-vector size d and code length in bits. Expects fields num_classes, M, K, D."""
-
-    def _check_code_shape(self) -> None:
-        if self.D == 0:
-            object.__setattr__(self, "D", self.M * self.K)
-        check_shape(self.D, self.M, self.K)
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2 to train a classifier, got {self.num_classes}")
-
-    @property
-    def d(self) -> int:
-        return self.D // self.M
-
-    @property
-    def bits(self) -> float:
-        return self.M * math.log2(self.K)
-
-
 @dataclass(frozen=True)
-class OPQNConfig(CodeShape):
+class OPQNConfig(CodeShape, ConfigDict):
     """Everything that fixes the network's shape and loss; stored verbatim in checkpoints."""
 
     num_classes: int
@@ -80,17 +63,6 @@ class OPQNConfig(CodeShape):
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.K > 65536:
             raise ValueError(f"K={self.K} does not fit a uint16 code")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "OPQNConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown OPQN config keys: {unknown}")
-        return cls(**values)
 
 
 def config_for_variant(variant: str, **overrides) -> OPQNConfig:
@@ -134,7 +106,7 @@ class OPQN(nn.Module):
         self.W = nn.Parameter(torch.randn(groups, dim, cfg.num_classes) * math.sqrt(2.0 / (dim + cfg.num_classes)))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The D-dim bottleneck feature x (also the float-feature baseline)."""
+        """The D-dim bottleneck feature x (its cosine is the float upper bound of the codes)."""
         return self.backbone(images)
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,6 +125,9 @@ class OPQN(nn.Module):
         s = torch.einsum("mdk,bmk->bmd", self.C, p)
         return {"x": x, "xs": self.split(x), "logits": logits, "p": p, "s": s}
 
+    def training_loss(self, out: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return opqn_loss(out, labels, self.W, self.cfg)
+
     @torch.no_grad()
     def codes_from_features(self, x: torch.Tensor) -> torch.Tensor:
         """Hard codes b_m = argmax_k p_m, uint8 when K <= 256 else uint16."""
@@ -165,13 +140,6 @@ class OPQN(nn.Module):
         return self.assignment_logits(x, normalize=normalize).softmax(-1)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.codes_from_features(self.features(images))
-
-    @torch.no_grad()
-    def query_tables(self, images: torch.Tensor, normalize: bool | None = None) -> torch.Tensor:
-        return self.tables_from_features(self.features(images), normalize)
-
-
-def with_classes(cfg: OPQNConfig, num_classes: int) -> OPQNConfig:
-    return replace(cfg, num_classes=num_classes)
+    def scores(self, xq: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Query features (nq, D) against database codes (N, M): sum_m P_q[m, b_im], (nq, N)."""
+        return lut_scores(self.tables_from_features(xq), codes)

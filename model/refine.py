@@ -5,7 +5,7 @@ and the exact fix (float16 features, ``--store-features``) costs 2 x D bytes a f
 code spends a stated budget of ``B`` more bytes a face instead, as faiss's refine indexes do:
 
 - Transform: the face's l2-normalised float feature x (the vector
-  ``pipelines.inference.stored_feature`` stores) is centred and projected onto the top
+  ``model.features.stored_feature`` stores) is centred and projected onto the top
   ``dim`` principal axes of the training sample, ``y = A (x - mean)``, ``A`` (dim, D) with
   orthonormal rows. The axes are dealt to the B sub-quantizers so that each gets a similar
   share of the variance (``eigenvalue_allocation``, the greedy form of OPQ's eigenvalue

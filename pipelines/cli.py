@@ -14,7 +14,6 @@ import sys
 STAGES = [
     "pipelines.ingest.cli",
     "pipelines.train.cli",
-    "pipelines.train_local",
     "pipelines.query.cli",
     "pipelines.encode.cli",
     "pipelines.evaluate.cli",

@@ -16,7 +16,8 @@ import time
 from dataclasses import asdict, dataclass, fields
 
 from pipelines.progress import format_seconds
-from pipelines.recipe import Recipe, add_config_arguments, config_from_args
+from pipelines.train.recipe import Recipe
+from pipelines.config_flags import add_config_arguments, config_from_args
 from storage import urls
 
 
@@ -88,7 +89,7 @@ def model_gallery(where: dict) -> str:
     epochs, another code length) encodes into a new gallery beside the old one instead of
     being refused or overwriting it.
     """
-    from pipelines.checkpoint import checkpoint_model_id
+    from pipelines.formats.checkpoint import checkpoint_model_id
 
     return urls.join(where["gallery"], checkpoint_model_id(where["model"]))
 

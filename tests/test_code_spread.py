@@ -1,7 +1,7 @@
 """Code spread ("no sink codes"): the metrics against hand counts, the chunked counter, the
 sink warning's thresholds, and the places that report it: `opqn evaluate` (a model whose
 assignment head is collapsed, so every face gets one code, is flagged in the log, metrics.json
-and report.md), `opqn gallery info` (live codes only) and the trainer's evaluate_retrieval."""
+and report.md), `opqn gallery info` (live codes only) and the trainer's end-of-run metrics (train_summary)."""
 import json
 import math
 import os
@@ -13,13 +13,12 @@ import torch
 
 from model.code_spread import SINK_MIN_ROWS, SpreadCounter, code_spread, mixed_bucket, sink_threshold, sink_warning
 from model.opqn import OPQN
-from pipelines.checkpoint import save_checkpoint
 from pipelines.cli import main as opqn_main
 from pipelines.encode.gallery_info import info
-from pipelines.evaluate.evaluation import evaluate_url
+from pipelines.evaluate.evaluation import evaluate_url, train_summary
+from pipelines.formats.checkpoint import save_checkpoint
 from pipelines.image_folder import list_identity_folder, load_face_set
-from pipelines.retrieval import evaluate_retrieval
-from pipelines.train_local import TrainConfig
+from pipelines.train.local import TrainConfig
 from test_query import make_model, write_gallery
 
 
@@ -161,17 +160,17 @@ def test_collapsed_model_is_flagged_by_evaluate(collapsed, tmp_path, caplog, cap
     assert line["largest_bucket"] == 1.0 and line["warnings"][0].startswith(expected)
 
 
-def test_a_spread_model_is_not_flagged_and_evaluate_retrieval_reports_spread(collapsed):
+def test_a_spread_model_is_not_flagged_and_train_summary_reports_spread(collapsed):
     cfg = collapsed["cfg"]
     faces = load_face_set(list_identity_folder(collapsed["folder"]), cfg.stored_size(), cfg.crop_fraction)
     queries, database = faces.subset(np.arange(0, 20, 5)), faces.subset(np.setdiff1d(np.arange(20), np.arange(0, 20, 5)))
-    r = evaluate_retrieval(collapsed["model"], queries, database)
+    r = train_summary(collapsed["model"], queries, database)
     assert r["largest_bucket"] == 1.0 and r["code_entropy_bits"] == 0.0
     assert r["code_spread"]["distinct_codes"] == 1 and r["codewords_used_per_subspace"] == 1.0
     torch.manual_seed(1)
     random_head = OPQN(collapsed["model"].cfg).eval()  # random F: codes spread over the codewords
-    r = evaluate_retrieval(random_head, queries, database)
-    from pipelines.retrieval import embed
+    r = train_summary(random_head, queries, database)
+    from model.features import embed
     codes = random_head.codes_from_features(embed(random_head, database.images)).numpy()
     assert r["code_spread"] == code_spread(codes, 16)
     assert r["codewords_used_per_subspace"] == pytest.approx(np.mean([len(np.unique(c)) for c in codes.T]))

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from face_datasets import write_face_dataset
-from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+from model.features import embed
 from pipelines.encode.gallery_info import info
 from pipelines.encode.run import EncodeConfig, encode_gallery
 from pipelines.formats.gallery import deleted_ids, require_gallery
 from pipelines.formats.gallery_writer import compact, delete_faces
-from pipelines.inference import codes_from_images, stored_size
-from pipelines.train_local import TrainConfig, train_local
+from pipelines.faces import decode_batch
+from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint, stored_size
+from pipelines.train.local import TrainConfig, train_local
 from storage.manifest import read_manifest
 from storage.tables import read_table
 
@@ -69,7 +70,8 @@ def test_codes_equal_the_models_argmax_codes(dataset, model_url, tmp_path):
     codes = gallery_codes(gallery)
     faces = dataset_faces(dataset)
     state = load_checkpoint(model_url)
-    direct = codes_from_images(model_from_checkpoint(state), faces["image"], stored_size(state))
+    model = model_from_checkpoint(state)
+    direct = model.codes_from_features(embed(model, torch.from_numpy(decode_batch(list(faces["image"]), stored_size(state)))))
     assert direct.dtype == torch.uint8
     assert set(codes) == set(faces["face_id"])
     for fid, expected in zip(faces["face_id"], direct.tolist()):

@@ -9,16 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
+from model.dcdh import DCDH, DCDHConfig, hamming_distances
+from model.dpq import DPQ, DPQConfig
 from model.metrics import retrieval_metrics
-from pipelines.checkpoint import load_checkpoint, save_checkpoint
+from model.registry import METHODS
 from pipelines.cli import main as opqn_main
-from pipelines.evaluate.baselines import DCDH, DPQ, DCDHConfig, DPQConfig, hamming_distances
-from pipelines.evaluate.evaluation import evaluate_model, evaluate_url
-from pipelines.evaluate.methods import METHODS, load_model, method_config, quantized_scores, train_method
+from pipelines.evaluate.evaluation import evaluate_model, evaluate_url, load_model
 from pipelines.evaluate.protocols import check_split, load_split, per_identity_split
 from pipelines.evaluate.report import TIE_RULE, write_report
+from pipelines.formats.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.image_folder import list_identity_folder, load_face_set, query_split
-from pipelines.train_local import TrainConfig
+from pipelines.train.local import TrainConfig, train_method
 
 
 def _link_people(lfw_dir, root, people, photos):
@@ -86,7 +87,8 @@ def test_dcdh_hamming_ranking_equals_brute_force():
     torch.manual_seed(0)
     model = DCDH(DCDHConfig(num_classes=3, bits=24, D=32, image_size=32, width=0.125)).eval()
     xq, xd = torch.randn(5, 32), torch.randn(30, 32)
-    scores, codes = quantized_scores(model, xq, xd)
+    codes = model.codes_from_features(xd)
+    scores = model.scores(xq, codes).numpy()
     bq = (model.hash(xq) > 0).to(torch.uint8)
     expected = -(bq[:, None, :] != codes[None, :, :]).sum(-1).numpy()
     assert np.array_equal(scores, expected)
@@ -99,7 +101,8 @@ def test_dpq_scores_are_asymmetric_distances_to_hard_codewords():
     torch.manual_seed(0)
     model = DPQ(DPQConfig(num_classes=3, M=4, K=16, D=64, image_size=32, width=0.125)).eval()
     xq, xd = torch.randn(6, 64), torch.randn(20, 64)
-    scores, codes = quantized_scores(model, xq, xd)
+    codes = model.codes_from_features(xd)
+    scores = model.scores(xq, codes).numpy()
     with torch.no_grad():
         soft = torch.einsum("mdk,bmk->bmd", model.C, model.assignment_logits(xq).softmax(-1)).reshape(6, -1)
         hard = torch.cat([model.C[m][:, codes[:, m].long()].T for m in range(4)], dim=1)
@@ -108,9 +111,9 @@ def test_dpq_scores_are_asymmetric_distances_to_hard_codewords():
 
 def test_variant_switches_win_over_training_defaults():
     cfg = TrainConfig(bits=16, lam=0.1)
-    assert method_config("W", cfg, 10).lam == 0.0 and method_config("opqn", cfg, 10).lam == 0.1
-    assert method_config("l2q", cfg, 10).learn_codebooks and method_config("C", cfg, 10).classifier == "concat"
-    assert method_config("dcdh", cfg, 10).D == method_config("dpq", cfg, 10).D == 512
+    assert cfg.network_config("W", 10).lam == 0.0 and cfg.network_config("opqn", 10).lam == 0.1
+    assert cfg.network_config("l2q", 10).learn_codebooks and cfg.network_config("C", 10).classifier == "concat"
+    assert cfg.network_config("dcdh", 10).D == cfg.network_config("dpq", 10).D == 512
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

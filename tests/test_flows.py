@@ -7,7 +7,7 @@ import pytest
 from face_datasets import write_face_dataset
 from flows.train import _cli_args, _config, train_opqn
 from infra.prefect_local import deploy, prefect_bin, start
-from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint
 
 TINY_OPTIONS = {"dim": 64, "width": 0.125, "image_size": 32, "batch_size": 16}
 

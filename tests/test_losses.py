@@ -97,7 +97,7 @@ def test_codes_and_tables():
     assert torch.equal(tables.argmax(-1), codes.long())
     assert torch.equal(model.tables_from_features(x, normalize=False).argmax(-1), codes.long())
     big = OPQN(config_for_variant("opqn", num_classes=5, M=2, K=512, image_size=32, width=0.125)).eval()
-    assert big.encode(torch.randn(3, 3, 32, 32)).dtype == torch.uint16
+    assert big.codes_from_features(big.features(torch.randn(3, 3, 32, 32))).dtype == torch.uint16
 
 
 @pytest.mark.parametrize("size,width,out_map", [(32, 1.0, (512, 4, 4)), (112, 1.0, (512, 7, 7)), (32, 0.25, (128, 4, 4))])

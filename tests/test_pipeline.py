@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.checkpoint import load_checkpoint
+from pipelines.formats.checkpoint import load_checkpoint
 from pipelines.formats.gallery import require_gallery
 from pipelines.pipeline import PipelineConfig, run_pipeline
 

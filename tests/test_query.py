@@ -10,12 +10,12 @@ import torch
 from face_datasets import lfw_people, write_face_dataset
 from model.opqn import OPQN, OPQNConfig
 from model.scoring import lut_scores
-from pipelines.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_state
+from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_state
 from pipelines.formats.gallery import code_numpy_dtype, code_table, gallery_metadata
 from pipelines.formats.gallery_writer import list_files, write_code_shard, write_tombstones
-from pipelines.inference import stored_size
+from pipelines.formats.checkpoint import stored_size
 from pipelines.query.run import RESULT_SCHEMA, QueryConfig, load_queries, query_batch, query_tables
-from pipelines.recipe import Recipe, make_optimizer
+from pipelines.train.recipe import Recipe, make_optimizer
 from storage.tables import read_table
 
 SHAPES = {16: (4, 64), 64: (4, 256), 256: (2, 512), 512: (2, 1024)}  # K -> (M, D)

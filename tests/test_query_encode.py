@@ -7,9 +7,9 @@ import torch
 
 from face_datasets import write_face_dataset
 from model.scoring import lut_scores
-from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint
 from pipelines.formats.gallery import deleted_ids, read_codes, require_gallery
-from pipelines.inference import stored_size
+from pipelines.formats.checkpoint import stored_size
 from pipelines.query.run import load_queries, query_tables
 from storage.tables import read_table
 
@@ -27,7 +27,7 @@ def test_query_a_gallery_written_by_encode(lfw_dir, tmp_path, capsys):
     from pipelines.cli import main
     from pipelines.formats.gallery_writer import delete_faces
     from pipelines.encode.run import EncodeConfig, encode_gallery
-    from pipelines.train_local import TrainConfig, train_local
+    from pipelines.train.local import TrainConfig, train_local
 
     data = write_face_dataset(tmp_path / "faces", lfw_dir, identities=6, photos=6, size=40, shards=3)
     model_url = str(tmp_path / "model.pt")

@@ -13,16 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint
 from pipelines.encode.gallery_info import info
 from pipelines.encode.run import EncodeConfig, encode_gallery
 from pipelines.faces import decode_batch
 from pipelines.formats.gallery import load_quantizer, paired_path, require_gallery
-from pipelines.inference import normalized_feature, stored_size
+from model.features import embed, normalized_feature
+from pipelines.formats.checkpoint import stored_size
 from pipelines.query.run import QueryConfig, query_batch
-from pipelines.recipe import config_from_args
+from pipelines.config_flags import config_from_args
 from model.refine import CENTROIDS, RefineQuantizer, auto_dim, train_quantizer
-from pipelines.retrieval import embed
 from storage import manifest as manifests
 from storage.manifest import read_manifest
 from storage.tables import read_table

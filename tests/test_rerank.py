@@ -21,17 +21,18 @@ from face_datasets import write_face_dataset
 from test_query import assert_same
 from model.opqn import OPQN, VARIANTS, OPQNConfig
 from model.scoring import lut_scores
-from pipelines.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_state
+from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_state
 from pipelines.encode.gallery_info import info
 from pipelines.encode.run import EncodeConfig, encode_gallery
 from pipelines.formats.gallery import (FEATURE_ROW_GROUP, deleted_ids, feature_path, load_quantizer, read_codes,
                                        read_features, read_refine, require_gallery)
 from pipelines.formats.gallery_writer import compact, delete_faces
-from pipelines.inference import stored_size
+from pipelines.formats.checkpoint import stored_size
 from pipelines.query.run import QueryConfig, load_queries, query_batch, query_inputs
-from pipelines.recipe import config_from_args, make_optimizer
-from pipelines.retrieval import embed
-from pipelines.train_local import TrainConfig, train_local
+from pipelines.config_flags import config_from_args
+from pipelines.train.recipe import make_optimizer
+from model.features import embed
+from pipelines.train.local import TrainConfig, train_local
 from storage.manifest import read_manifest
 from storage.tables import read_table
 
@@ -322,7 +323,7 @@ def test_cli_switches_and_checkpoint_config_round_trip(tmp_path):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_opqn_config_of_every_variant_round_trips_through_the_checkpoint(variant, tmp_path):
-    from pipelines.evaluate.methods import model_from_state
+    from pipelines.formats.checkpoint import checkpoint_method
 
     cfg = TrainConfig(bits=16, codewords=16, dim=0, width=0.125, image_size=32, variant=variant, r=20.0, u=0.5,
                       lam=0.2)
@@ -338,7 +339,7 @@ def test_opqn_config_of_every_variant_round_trips_through_the_checkpoint(variant
     assert state["config"] == model.cfg.to_dict() and state["train"] == asdict(cfg)
     assert OPQNConfig.from_dict(state["config"]) == model.cfg
     assert model_from_checkpoint(state).cfg == model.cfg
-    rebuilt, method = model_from_state(state)
+    rebuilt, method = model_from_checkpoint(state), checkpoint_method(state)
     assert rebuilt.cfg == model.cfg and method.name == variant
     for key, value in model.state_dict().items():
         torch.testing.assert_close(rebuilt.state_dict()[key], value, msg=key)

@@ -55,7 +55,7 @@ def test_stack_runs_the_pipeline_deployment_on_s3_ray_and_prefect_then_stops(tmp
 
     # The outputs are really in the object store: bring it back up on the same data and read them.
     from infra.s3_server import start_s3_server
-    from pipelines.checkpoint import load_checkpoint
+    from pipelines.formats.checkpoint import load_checkpoint
 
     s3 = start_s3_server(home / "s3")
     try:

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from model.features import embed
 from model.opqn import OPQNConfig
-from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint
 from pipelines.image_folder import list_identity_folder, load_face_set, query_split
-from pipelines.retrieval import embed
+from pipelines.train.local import TrainConfig, train_local
 from pipelines.train.loop import augment, train_step
-from pipelines.train_local import TrainConfig, train_local
 from storage.checkpoints import read_bytes
 
 
@@ -43,14 +43,14 @@ def test_training_steps_on_real_lfw_photos_lower_the_loss(small_lfw):
     faces = load_face_set(list_identity_folder(small_lfw), cfg.stored_size(), cfg.crop_fraction)
     classes = sorted(set(faces.labels))
     labels = torch.tensor([classes.index(c) for c in faces.labels])
-    from model.losses import OPQNWithLoss
+    from model.losses import WithLoss
     from model.opqn import OPQN
-    from pipelines.recipe import make_optimizer
+    from pipelines.train.recipe import make_optimizer
     model = OPQN(cfg.opqn_config(len(classes)))
     opt, _ = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(0)
     images = augment(faces.images, 32, gen)
-    losses = [float(train_step(OPQNWithLoss(model), opt, None, images, labels)["loss"]) for _ in range(25)]
+    losses = [float(train_step(WithLoss(model), opt, None, images, labels)["loss"]) for _ in range(25)]
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3]), losses
 
 

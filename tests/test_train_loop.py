@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.losses import OPQNWithLoss, usage_deficit
+from model.losses import WithLoss, usage_deficit
 from model.opqn import OPQN, OPQNConfig
-from pipelines.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_state
-from pipelines.recipe import Recipe, make_optimizer
+from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_state
 from pipelines.train.loop import augment, batches, parse_augment, train_epoch
+from pipelines.train.recipe import Recipe, make_optimizer
 
 
 def test_batched_crop_and_flip_equal_the_per_image_loop():
@@ -73,7 +73,7 @@ def test_balance_term_spreads_assignments_of_one_class():
         opt, sched = make_optimizer(model, recipe, 1)
         gen = torch.Generator().manual_seed(0)
         for _ in range(recipe.epochs):
-            train_epoch(OPQNWithLoss(model), opt, sched, images, labels, recipe, gen)
+            train_epoch(WithLoss(model), opt, sched, images, labels, recipe, gen)
         model.eval()
         with torch.no_grad():
             codes = model.codes_from_features(model.features(augment(images, 32, gen, "")))

@@ -10,7 +10,7 @@ import pytest
 
 from face_datasets import write_face_dataset
 from infra.ray_local import start, stop_pid
-from pipelines.checkpoint import load_checkpoint
+from pipelines.formats.checkpoint import load_checkpoint
 from pipelines.train.config import RayTrainConfig
 
 
@@ -108,7 +108,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, face_dataset, t
 def test_ray_with_one_worker_matches_local_trainer(ray_cluster, face_dataset, tmp_path):
     """Same seed, data and recipe: the two trainers start from identical weights and see the same
     faces; batch order and augmentation draws differ, so losses agree within a tolerance."""
-    from pipelines.train_local import TrainConfig, train_local
+    from pipelines.train.local import TrainConfig, train_local
 
     epochs = 3
     code, out = run_train(face_dataset, tmp_path / "ray.pt", ray_cluster, "--epochs", str(epochs), "--workers", "1")

@@ -5,7 +5,7 @@ import json
 import sys
 
 from pipelines.encode.run import EncodeConfig
-from pipelines.recipe import add_config_arguments, config_from_args
+from pipelines.config_flags import add_config_arguments, config_from_args
 
 
 def register(subparsers) -> None:

@@ -5,7 +5,7 @@ this process). The model is built once per worker process (``execution.process_c
 the model id) from the checkpoint state the driver planned with, which every task reads from the
 object store: all tasks encode with exactly that model, never with a re-read of its URL. Faces
 are decoded and encoded ``batch_size`` at a time into hard codes, with ``store_features`` also
-into the l2-normalised float feature as float16 (``pipelines.inference.stored_feature``: the
+into the l2-normalised float feature as float16 (``model.features.stored_feature``: the
 vector evaluation's float upper bound takes the cosine of), and with a refine quantizer also
 into the refine code of that normalised feature (``model.refine``; the quantizer file is read
 from the gallery once per process and checked against its sha256). A face whose image cannot be
@@ -20,14 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipelines.checkpoint import model_from_checkpoint
+from pipelines.formats.checkpoint import model_from_checkpoint
 from pipelines.execution import process_cached
 from pipelines.faces import read_face_columns
 from pipelines.formats.gallery import code_numpy_dtype, read_quantizer
 from pipelines.formats.gallery_writer import write_source
 from pipelines.image_folder import decode_face
-from pipelines.inference import normalized_feature, stored_size
-from pipelines.retrieval import embed
+from model.features import embed, normalized_feature
+from pipelines.formats.checkpoint import stored_size
 from storage.manifest import FileEntry
 
 TRAINING_ONLY = ("optimizer", "scheduler", "history")  # checkpoint parts an encode task never reads
@@ -100,7 +100,7 @@ def encode_source(source: tuple, state: dict, job: EncodeJob) -> tuple[list[File
         if features is not None or refine is not None:
             normalized = normalized_feature(x)
             if features is not None:
-                features[rows] = normalized.astype(np.float16)  # pipelines.inference.stored_feature
+                features[rows] = normalized.astype(np.float16)  # model.features.stored_feature
             if refine is not None:
                 refine[rows] = quantizer.encode(normalized)
     ok = reasons == ""

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from model.refine import check_bytes, train_quantizer
-from pipelines.checkpoint import model_from_checkpoint
+from pipelines.formats.checkpoint import model_from_checkpoint
 from pipelines.formats.gallery import Gallery
 from pipelines.formats.gallery_writer import write_quantizer
 from pipelines.image_folder import decode_face
-from pipelines.inference import normalized_feature, stored_size
-from pipelines.retrieval import embed
+from model.features import embed, normalized_feature
+from pipelines.formats.checkpoint import stored_size
 from storage.manifest import FileEntry
 from storage.tables import iter_batches
 

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pipelines.checkpoint import load_checkpoint, require_opqn
+from pipelines.formats.checkpoint import load_checkpoint, require_opqn
 from pipelines.encode.encoder import EncodeJob, encode_source, model_state
 from pipelines.encode.refine import prepare_refine
 from pipelines.execution import EXECUTORS, run_tasks, start_ray

@@ -1,17 +1,14 @@
-"""``opqn evaluate`` (metrics report of a checkpoint on a dataset) and ``opqn train-method``
-(train OPQN, an ablation, DPQ or DCDH with the same loop and budget)."""
+"""``opqn evaluate``: metrics report of one or more checkpoints on a dataset."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 
+from model.registry import METHODS
 from pipelines.evaluate.evaluation import DEFAULT_TS, evaluate_url
-from pipelines.evaluate.methods import METHODS, train_method
 from pipelines.evaluate.protocols import PROTOCOLS
 from pipelines.progress import format_seconds
-from pipelines.recipe import add_config_arguments, config_from_args
-from pipelines.train_local import TrainConfig, prepare_sets
 
 
 def _ts(text: str) -> tuple[int, ...]:
@@ -54,14 +51,6 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the metrics (without curves) as one JSON line")
     p.set_defaults(func=run_evaluate)
 
-    t = subparsers.add_parser(
-        "train-method", help="train OPQN, an ablation (l2q, A, C, S, W), DPQ or DCDH on an identity folder",
-        description="The single-process trainer's data split, augmentation, optimizer and schedule for every "
-                    "method; the checkpoint is readable by `opqn evaluate`.")
-    t.add_argument("--method", choices=sorted(METHODS), default="opqn")
-    add_config_arguments(t, TrainConfig, skip=("resume", "variant"))
-    t.set_defaults(func=run_train)
-
 
 def run_evaluate(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -86,12 +75,3 @@ def run_evaluate(args) -> int:
     print(f"report in {args.report_dir} ({format_seconds(out['context']['seconds'])})")
     return 0
 
-
-def run_train(args) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = config_from_args(TrainConfig, args)
-    train_set, _ = prepare_sets(cfg)
-    _, info = train_method(args.method, cfg, train_set)
-    print(f"trained {args.method} in {format_seconds(info['train_seconds'])}: {info['train_faces']} faces, "
-          f"{info['identities']} identities, checkpoint {cfg.model_url}")
-    return 0

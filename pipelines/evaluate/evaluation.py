@@ -1,4 +1,8 @@
-"""Evaluate a trained model of any method on a query/database split and write a report.
+"""The evaluator: retrieval metrics of a trained model of any method on a query/database split.
+
+One evaluator computes every metric: ``evaluate_model``, used by ``opqn evaluate``
+(``evaluate_url``, which also writes the report) and the benchmarks, and in its flat form
+``train_summary`` by the trainers' end-of-run metrics.
 
 Besides mAP and P@T, every evaluation measures the spread of the database codes
 (``model.code_spread``: largest code bucket, distinct codes, codewords used, entropy) and
@@ -14,19 +18,20 @@ import torch
 import torch.nn.functional as F
 
 from model.code_spread import code_spread, mixed_bucket, sink_warning
+from model.features import embed
 from model.metrics import retrieval_metrics
-from pipelines.evaluate.methods import Method, code_bits, load_model, method_of, quantized_scores
-from pipelines.evaluate.protocols import EvalSplit, check_split, is_shard_dataset, load_split
+from model.registry import Method, method_of
+from pipelines.evaluate.protocols import check_split, is_shard_dataset, load_split
 from pipelines.evaluate.report import write_report
+from pipelines.formats.checkpoint import checkpoint_method, load_checkpoint, model_from_checkpoint, stored_size
 from pipelines.image_folder import FaceSet
-from pipelines.retrieval import embed
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TS = (1, 5, 10, 20, 50, 100, 200, 500)
+TRAIN_TS = (1, 5, 10, 20, 50, 100)  # P@T of the trainers' end-of-run summary
 
 
-@torch.no_grad()
 def evaluate_model(model: torch.nn.Module, queries: FaceSet, database: FaceSet, ts=DEFAULT_TS,
                    method: Method | None = None, pr_points: int = 100) -> dict:
     """Compact-code retrieval metrics and the float-feature upper bound of the same model.
@@ -40,23 +45,48 @@ def evaluate_model(model: torch.nn.Module, queries: FaceSet, database: FaceSet, 
     """
     check_split(queries, database)
     method = method or method_of(model)
-    model.eval()
-    xq, xd = embed(model, queries.images), embed(model, database.images)
-    scores, codes = quantized_scores(model, xq, xd)
-    quant = retrieval_metrics(scores, queries.labels, database.labels, ts, pr_points=pr_points)
-    cos = (F.normalize(xq, dim=1) @ F.normalize(xd, dim=1).T).numpy()
-    flt = retrieval_metrics(cos, queries.labels, database.labels, ts, pr_points=pr_points)
-    spread = code_spread(codes.numpy(), getattr(model.cfg, "K", 2))
+    quant, flt, spread, codes = _evaluate(model, queries, database, ts, pr_points)
     spread.update(mixed_bucket(codes.numpy(), database.labels))
     warning = sink_warning(spread)
-    return {"method": method.name, "label": method.label, "bits": code_bits(model), "ranking": method.ranking,
+    return {"method": method.name, "label": method.label, "bits": int(round(model.cfg.bits)), "ranking": method.ranking,
             "quantized": quant, "float": flt, "distinct_database_codes": spread["distinct_codes"],
             "code_spread": spread, "warnings": [warning] if warning else []}
 
 
-def stored_size_for(state: dict, image_size: int) -> int:
-    enlarge = float((state.get("train") or {}).get("enlarge", 1.1))
-    return max(image_size, int(round(image_size * enlarge)))
+@torch.no_grad()
+def _evaluate(model: torch.nn.Module, queries: FaceSet, database: FaceSet, ts,
+              pr_points: int = 100) -> tuple[dict, dict, dict, torch.Tensor]:
+    """(compact-code metrics, float-feature metrics, spread of the database codes, those codes)."""
+    model.eval()
+    xq, xd = embed(model, queries.images), embed(model, database.images)
+    codes = model.codes_from_features(xd)
+    quant = retrieval_metrics(model.scores(xq, codes).numpy(), queries.labels, database.labels, ts, pr_points=pr_points)
+    cos = (F.normalize(xq, dim=1) @ F.normalize(xd, dim=1).T).numpy()
+    flt = retrieval_metrics(cos, queries.labels, database.labels, ts, pr_points=pr_points)
+    return quant, flt, code_spread(codes.numpy(), getattr(model.cfg, "K", 2)), codes
+
+
+def train_summary(model: torch.nn.Module, queries: FaceSet, database: FaceSet, ts=TRAIN_TS) -> dict:
+    """The trainers' end-of-run metrics, flat: ``map``, ``p5``, ``precision_at``, ``map_float``,
+    ``p5_float``, ``queries``, ``database``, ``pr``, ``pr_float``, the database codes' spread
+    (``code_spread``, with ``largest_bucket``, ``code_entropy_bits`` and
+    ``codewords_used_per_subspace`` also at the top level)."""
+    # no split check: a trainer reports whatever its query set gives rather than fail after training
+    quant, flt, spread, _ = _evaluate(model, queries, database, ts)
+    return {
+        "map": quant["map"], "p5": quant["precision_at"].get(5), "precision_at": quant["precision_at"],
+        "map_float": flt["map"], "p5_float": flt["precision_at"].get(5),
+        "queries": quant["queries"], "database": quant["database"],
+        "codewords_used_per_subspace": spread["codewords_used_mean"], "pr": quant["pr"], "pr_float": flt["pr"],
+        "largest_bucket": spread["largest_bucket"], "code_entropy_bits": spread["code_entropy_bits"],
+        "code_spread": spread,
+    }
+
+
+def load_model(url: str, expect_method: str | None = None) -> tuple[torch.nn.Module, Method, dict]:
+    """(network, method, checkpoint state) of a checkpoint URL, of any method."""
+    state = load_checkpoint(url)
+    return model_from_checkpoint(state, expect_method), checkpoint_method(state), state
 
 
 def evaluate_url(model_url: str | list[str], dataset: str, report_dir: str | None = None, protocol: str = "single",
@@ -84,7 +114,7 @@ def evaluate_url(model_url: str | list[str], dataset: str, report_dir: str | Non
     model, meth, state = loaded[0]
     train = state.get("train") or {}
     split = load_split(
-        dataset, protocol, stored_size=stored_size_for(state, model.cfg.image_size),
+        dataset, protocol, stored_size=stored_size(state),
         crop_fraction=crop_fraction if crop_fraction is not None else (
             1.0 if is_shard_dataset(dataset) else float(train.get("crop_fraction", 0.5))),
         min_photos=min_photos if min_photos is not None else (int(train.get("min_photos", 10)) if protocol == "single" else 2),
@@ -115,6 +145,3 @@ def evaluate_url(model_url: str | list[str], dataset: str, report_dir: str | Non
         context["files"] = write_report(report_dir, results, context)
     return {"context": context, "result": first, "results": results}
 
-
-def evaluate_split(model: torch.nn.Module, split: EvalSplit, ts=DEFAULT_TS) -> dict:
-    return evaluate_model(model, split.queries, split.database, ts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 
-from pipelines.recipe import add_config_arguments, config_from_args
+from pipelines.config_flags import add_config_arguments, config_from_args
 from pipelines.query.run import QueryConfig
 
 

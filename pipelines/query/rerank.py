@@ -7,7 +7,7 @@ With ``QueryConfig.rerank = R`` (a gallery encoded with ``--store-features``):
    gallery position (shard, row) asc), exactly as a ``top_k = R`` query would.
 2. Each candidate gets its exact score: ``exact = cosine(query feature, stored feature)``,
    both sides l2-normalised, the dot product taken in float64 and rounded to float32
-   (``pipelines.inference.exact_cosine``), the stored side being the float16 feature of the
+   (``model.features.exact_cosine``), the stored side being the float16 feature of the
    gallery's feature shard (``pipelines.formats.gallery``).
 3. The top-k of the R candidates by (exact desc, then gallery position (shard, row) asc) are
    the results, ``score`` = the exact cosine.
@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.formats.gallery import feature_matrix, refine_matrix
-from pipelines.inference import exact_cosine
+from model.features import exact_cosine
 from pipelines.query.topk import TOPK_SCHEMA, ShardTask, best_per_query, empty_topk
 from model.refine import RefineQuantizer
 from storage.tables import open_parquet

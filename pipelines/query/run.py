@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipelines.checkpoint import load_checkpoint, model_from_checkpoint, require_opqn
+from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint, require_opqn
 from pipelines.execution import EXECUTORS, start_ray
 from pipelines.formats.gallery import deleted_ids, load_quantizer, require_gallery
-from pipelines.inference import stored_size
+from pipelines.formats.checkpoint import stored_size
 from pipelines.progress import Progress, format_seconds
 from pipelines.query.kernels import KERNELS, check_kernel, choose_kernel
 from pipelines.query.rerank import Rescorer, check_depth, rerank_topk
@@ -135,7 +135,7 @@ def query_tables(model, images, batch_size: int) -> np.ndarray:
 
 def query_inputs(model, images, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(query tables (nq, M, K) float32, float features x (nq, D) float32) of the query images."""
-    from pipelines.retrieval import embed
+    from model.features import embed
 
     if not len(images):
         return np.empty((0, model.cfg.M, model.cfg.K), np.float32), np.empty((0, model.cfg.D), np.float32)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.recipe import Recipe
+from pipelines.train.recipe import Recipe
 
 
 @dataclass

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipelines.retrieval import to_unit_range
+from model.features import to_unit_range
 
 # Augmentations a recipe can name (``Recipe.augment``, comma-separated). "crop" and "flip" are
 # the paper's; the photometric ones make codes hold on photos taken in other conditions.

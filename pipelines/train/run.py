@@ -18,26 +18,12 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipelines.checkpoint import load_checkpoint
-from storage import urls
+from pipelines.execution import start_ray
 from pipelines.faces import arrow_filesystem, decode_batch, face_shard_files, read_face_columns
+from pipelines.formats.checkpoint import load_checkpoint
 from pipelines.train.config import RayTrainConfig
 from pipelines.train.worker import train_worker
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start Ray in-process on loopback (see pipelines/__init__)."""
-    if ray.is_initialized():
-        return
-    # our own progress lines report counts, rate and ETA; Ray Data's per-operator tables
-    # every few seconds would drown them in a log
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        # One logical CPU beyond the cores: a worker or actor pool that fills every core
-        # still leaves Ray Data a slot for its read tasks instead of waiting forever.
-        ray.init(num_cpus=num_cpus or (os.cpu_count() or 1) + 1, include_dashboard=False)
-
+from storage import urls
 
 def training_identities(cfg: RayTrainConfig) -> tuple[list[str], list[str], int]:
     """Shard URLs, the sorted identity names (class index = position), and the row count."""
@@ -101,7 +87,7 @@ def train(cfg: RayTrainConfig, out=None) -> dict:
     opqn_config = cfg.opqn_config(len(classes))  # raises on K > D/M and other shape errors
     cfg = replace(cfg, run_id=cfg.run_id or uuid.uuid4().hex)
     # in-process Ray: the workers' CPUs plus one for Ray Data's read/decode tasks
-    init_ray(num_cpus=max(os.cpu_count() or 1, int(math.ceil(cfg.workers * cfg.cpus_per_worker))) + 1)
+    start_ray(num_cpus=max(os.cpu_count() or 1, int(math.ceil(cfg.workers * cfg.cpus_per_worker))) + 1)
     print(f"training OPQN-{opqn_config.variant} {opqn_config.bits:g} bit (M={opqn_config.M}, K={opqn_config.K}, "
           f"D={opqn_config.D}) on {rows} faces of {len(classes)} identities from {cfg.dataset}, "
           f"{cfg.workers} worker(s), {cfg.epochs} epochs -> {cfg.model_url}", file=out, flush=True)
@@ -117,7 +103,7 @@ def train(cfg: RayTrainConfig, out=None) -> dict:
               file=out, flush=True)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": asdict(cfg), "classes": classes, "opqn_config": opqn_config.to_dict(),
+        train_loop_config={"config": asdict(cfg), "classes": classes, "network_config": opqn_config.to_dict(),
                            "in_memory": in_memory, "files": files, "rows": rows},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,

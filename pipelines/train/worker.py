@@ -22,13 +22,12 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from model.losses import OPQNWithLoss
-from model.opqn import OPQN, OPQNConfig
-from pipelines.checkpoint import checkpoint_exists, load_checkpoint, restore_training, save_checkpoint, training_state
+from model.registry import build_network, with_loss
 from pipelines.faces import load_face_dataset
-from pipelines.recipe import make_optimizer
+from pipelines.formats.checkpoint import checkpoint_exists, load_checkpoint, restore_training, save_checkpoint, training_state
 from pipelines.train.config import RayTrainConfig
 from pipelines.train.loop import train_epoch
+from pipelines.train.recipe import make_optimizer
 
 
 TIMINGS = ("samples", "step_seconds", "data_seconds")
@@ -123,7 +122,7 @@ def train_worker(loop_config: dict) -> None:
         shard = ray.train.get_dataset_shard("train")
         steps = max(1, loop_config["rows"] // world // per_worker)
     load_seconds = time.monotonic() - t_load
-    model = OPQN(OPQNConfig.from_dict(loop_config["opqn_config"]))
+    model = build_network(cfg.variant, loop_config["network_config"])
     opt, sched = make_optimizer(model, cfg, steps)
     start_epoch, history = 0, []
     if checkpoint_exists(cfg.model_url):
@@ -134,7 +133,7 @@ def train_worker(loop_config: dict) -> None:
             if rank == 0:
                 print(f"resuming {cfg.model_url} at epoch {start_epoch}/{cfg.epochs}", flush=True)
     nodes = _all_gather(ray.get_runtime_context().get_node_id())
-    trainable = ray.train.torch.prepare_model(OPQNWithLoss(model))
+    trainable = ray.train.torch.prepare_model(with_loss(model))
     device = ray.train.torch.get_device()
     allreduce_seconds = allreduce_probe(model)
 

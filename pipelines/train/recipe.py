@@ -1,16 +1,20 @@
-"""The training recipe shared by the local and the Ray trainer: model shape, loss, SGD schedule.
+"""The training recipe shared by every trainer: network shape, loss weights, SGD schedule, augmentation.
 
-Keeping one definition means a checkpoint from either trainer names the same settings and
-the two trainers can be compared on identical configurations.
+Keeping one definition means a checkpoint from the local trainer, the Ray trainer or the
+method comparison names the same settings, and runs can be compared on identical
+configurations.
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, replace
 
 import torch
 
+from model.dcdh import DCDHConfig
+from model.dpq import DPQConfig
 from model.opqn import OPQNConfig, config_for_variant, shape_for_bits
+from model.registry import get_method
+from pipelines.formats.checkpoint import DEFAULT_ENLARGE, stored_image_size
 
 
 @dataclass
@@ -32,7 +36,7 @@ class Recipe:
     u: float = 0.4
     lam: float = 0.1
     balance: float = 0.1  # weight of the batch-level codeword-usage term (0: the paper's loss)
-    enlarge: float = 1.1  # augmentation: stored at 1.1x, random crop back to image_size
+    enlarge: float = DEFAULT_ENLARGE  # augmentation: stored at 1.1x, random crop back to image_size
     augment: str = "crop,flip,light,grey,blur"  # comma-separated; the paper's: crop,flip
     seed: int = 0
 
@@ -42,11 +46,23 @@ class Recipe:
                                   image_size=self.image_size, width=self.width, r=self.r, u=self.u, lam=self.lam,
                                   balance=self.balance)
 
+    def network_config(self, method: str, num_classes: int):
+        """The network config of any registered method for this recipe: the same backbone, input
+        size, code length in bits and D (DCDH hashes the D the PQ methods would use)."""
+        m = get_method(method)
+        if m.family == "opqn":
+            return replace(self, variant=m.variant).opqn_config(num_classes)
+        common = dict(num_classes=num_classes, image_size=self.image_size, width=self.width)
+        M = shape_for_bits(self.bits, self.codewords)
+        if m.family == "dpq":
+            return DPQConfig(M=M, K=self.codewords, D=self.dim, **common)
+        return DCDHConfig(bits=self.bits, D=self.dim or M * self.codewords, **common)
+
     def step_epochs(self) -> int:
         return self.lr_step or max(1, round(self.epochs * 35 / 200))
 
     def stored_size(self) -> int:
-        return max(self.image_size, int(round(self.image_size * self.enlarge)))
+        return stored_image_size(self.image_size, self.enlarge)
 
 
 def make_optimizer(model: torch.nn.Module, recipe: "Recipe", steps: int = 1):
@@ -66,23 +82,3 @@ def make_optimizer(model: torch.nn.Module, recipe: "Recipe", steps: int = 1):
     else:
         raise ValueError(f"unknown lr schedule {recipe.schedule!r}; choose 'onecycle' or 'step'")
     return opt, sched
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One ``--flag`` per dataclass field (booleans become --flag / --no-flag)."""
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        default = f.default if f.default is not MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, tuple):
-            parser.add_argument(flag, dest=f.name, default=default, type=lambda s: tuple(x for x in s.split(",") if x),
-                                help=f"comma-separated (default: {','.join(default)})")
-        else:
-            parser.add_argument(flag, dest=f.name, type=type(default), default=default, help=f"(default: {default!r})")
-
-
-def config_from_args(cls, args, **extra):
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}, **extra)

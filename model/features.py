@@ -1,8 +1,9 @@
-"""Model inputs from encoded face crops, the same way everywhere a trained model is applied.
+"""The backbone feature outside training: pixel scaling, batched embedding, l2-normalised copies.
 
-Training crops ``image_size`` pixels at random from faces stored at ``enlarge`` x that size;
-encoding, querying and evaluation use the centre crop of the same enlarged face, so codes
-and query tables see faces exactly as training did.
+Training, encoding, querying and evaluation all scale pixels with ``to_unit_range`` and take
+the same centre crop (``to_input``), so a face is seen exactly as training saw it. The
+l2-normalised feature is the float upper bound evaluation takes the cosine of, what refine
+codes quantize, and (in float16) what a gallery stores for exact re-ranking.
 """
 from __future__ import annotations
 
@@ -10,32 +11,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.opqn import OPQN
-from pipelines.faces import decode_batch
-from pipelines.retrieval import embed
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 or float pixel values in [0, 255] -> the network's input range [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)
 
 
-def stored_size(state: dict) -> int:
-    """Side of the decoded face before the centre crop, from a checkpoint's training settings."""
-    size = state["config"]["image_size"]
-    enlarge = state.get("train", {}).get("enlarge", 1.1)
-    return max(size, int(round(size * enlarge)))
-
-
-@torch.no_grad()
-def features_from_images(model: OPQN, images, size: int, batch_size: int = 512) -> torch.Tensor:
-    """Encoded crops (bytes) -> bottleneck features x (N, D)."""
-    return embed(model, torch.from_numpy(decode_batch(list(images), size)), batch_size)
+def to_input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, C, E, E) -> float in [-1, 1], centre-cropped to ``size``."""
+    e = images.shape[-1]
+    off = (e - size) // 2
+    return to_unit_range(images[..., off:off + size, off:off + size])
 
 
 @torch.no_grad()
-def codes_from_images(model: OPQN, images, size: int) -> torch.Tensor:
-    return model.codes_from_features(features_from_images(model, images, size))
-
-
-@torch.no_grad()
-def tables_from_images(model: OPQN, images, size: int) -> torch.Tensor:
-    return model.tables_from_features(features_from_images(model, images, size))
+def embed(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Backbone features x (N, D) of stored uint8 faces (N, C, E, E), any network, in eval mode."""
+    model.eval()
+    size = model.cfg.image_size
+    return torch.cat([model.features(to_input(images[i:i + batch_size], size))
+                      for i in range(0, len(images), batch_size)]) if len(images) else torch.empty(0, model.cfg.D)
 
 
 def normalized_feature(x: torch.Tensor) -> np.ndarray:
