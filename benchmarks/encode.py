@@ -1,7 +1,7 @@
-"""Gallery encoding: Ray Data pipeline vs a plain torch loop, and memory vs gallery size.
+"""Gallery encoding: the encode pipeline vs a plain torch loop, and memory vs gallery size.
 
-1. Throughput: the same face shards and model, encoded by `encode_gallery` (Ray Data, actor
-   pool, Ray's start included) and by a plain loop (pyarrow read -> decode -> model -> argmax)
+1. Throughput: the same face shards and model, encoded by `encode_gallery` (one Ray task per
+   source shard, Ray's start included) and by a plain loop (pyarrow read -> decode -> model -> argmax)
    in the same run. 100k faces by default: at 20k, Ray's ~5 s start is a third of the run,
    which no real gallery encode pays in that proportion.
 2. Memory: peak PSS of the whole process tree (driver + Ray workers) while encoding a
@@ -36,7 +36,7 @@ from memory import PeakMemory
 from model.opqn import OPQN, config_for_variant
 from pipelines.formats.checkpoint import save_checkpoint
 from pipelines.encode.run import EncodeConfig, encode_gallery
-from pipelines.faces import decode_batch
+from pipelines.formats.faces import decode_batch
 from model.features import embed
 
 SCHEMA = pa.schema([("face_id", pa.string()), ("identity", pa.string()), ("source", pa.string()),
@@ -117,10 +117,10 @@ def main(argv=None) -> int:
               f"on {n} faces", flush=True)
         result.update(faces_per_s=round(pipeline, 1), baseline_faces_per_s=round(baseline, 1),
                       ratio=round(pipeline / baseline, 3))
-        # Memory runs under a fixed object store budget (Ray Data sizes its in-flight data to
-        # it); with Ray's default of 30 % of RAM the store's pages count in RSS up to that cap.
+        # Memory runs under a fixed object store budget: with Ray's default of 30 % of RAM the
+        # store's pages count in RSS up to that cap.
         # Each size runs on a fresh Ray instance, as a nightly encode would: on a shared one the
-        # previous run's encoder actors are still exiting when the next run's start, and their
+        # previous run's encode workers are still exiting when the next run's start, and their
         # memory would be counted against the larger gallery.
         import ray
 

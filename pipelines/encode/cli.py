@@ -9,7 +9,8 @@ from pipelines.config_flags import add_config_arguments, config_from_args
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("encode", help="encode a face dataset's new shards into a gallery of codes (one Ray task per source shard)",
+    p = subparsers.add_parser("encode", help="encode a face dataset's new shards into a gallery of codes (one Ray "
+                                             "task per source shard)",
                               description="Writes GALLERY/codes/part-*.parquet and the manifest. --store-features "
                                           "also writes each face's l2-normalised float feature as float16 (2 x D bytes "
                                           "a face) to GALLERY/features/, for `opqn query --rerank`. --refine-bytes B "
@@ -23,9 +24,9 @@ def register(subparsers) -> None:
     p.add_argument("gallery")
     add_config_arguments(p, EncodeConfig, skip=("actors", "threads_per_actor"))
     p.add_argument("--actors", type=int, default=EncodeConfig.actors,
-                   help="source shards encoded at once: at most this many encode tasks (one per source shard, "
-                        "each worker holding the model) running or queued; 0: two per task slot of the cluster "
-                        "(default: 0)")
+                   help="source shards in flight: at most this many encode tasks (one per source shard, each "
+                        "worker holding the model) running or queued at once; 0: two per task slot of the cluster, "
+                        "a slot being --threads-per-actor CPUs (default: 0)")
     p.add_argument("--threads-per-actor", type=int, default=EncodeConfig.threads_per_actor,
                    help="CPUs each encode task asks Ray for, and its torch threads (default: 1)")
     p.set_defaults(func=run_encode)
