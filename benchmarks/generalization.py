@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipelines.evaluate.evaluation import evaluate_url  # noqa: E402
-from pipelines.image_folder import list_identity_folder  # noqa: E402
+from pipelines.photo_folder import list_identity_folder  # noqa: E402
 from pipelines.ingest.config import IngestConfig  # noqa: E402
 from pipelines.ingest.run import prepare_dataset  # noqa: E402
 from pipelines.settings import data_root  # noqa: E402

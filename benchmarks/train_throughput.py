@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # face-shard writer
 from face_datasets import SCHEMA, face_row, write_face_dataset  # noqa: E402
 
-from pipelines.image_folder import list_identity_folder, query_split  # noqa: E402
+from pipelines.photo_folder import list_identity_folder, query_split  # noqa: E402
 from pipelines.settings import dataset_dir  # noqa: E402
 from pipelines.train.config import RayTrainConfig  # noqa: E402
 from pipelines.train.local import TrainConfig, train_local  # noqa: E402

@@ -85,7 +85,8 @@ from pipelines.evaluate.protocols import check_split, load_split, per_identity_s
 from pipelines.formats.checkpoint import (checkpoint_exists, load_checkpoint, model_from_checkpoint,  # noqa: E402
                                           require_opqn, stored_size)
 from pipelines.formats.gallery import FEATURE_ROW_GROUP, code_schema, feature_table  # noqa: E402
-from pipelines.image_folder import FaceSet, list_identity_folder, load_face_set  # noqa: E402
+from pipelines.formats.faces import FaceSet  # noqa: E402
+from pipelines.photo_folder import list_identity_folder, load_face_set  # noqa: E402
 from pipelines.query.kernels import topk  # noqa: E402
 from pipelines.query.rerank import PAIR_CHUNK, Rescorer  # noqa: E402
 from pipelines.settings import data_root  # noqa: E402

@@ -1,40 +1,27 @@
-"""Identity-folder image sets (``identity/photo.jpg``, the LFW / VGGFace2 layout) held in memory.
+"""A photo folder (``identity/photo.jpg``, the LFW / VGGFace2 layout) read into memory as a FaceSet.
 
-The single-process trainer and the benchmarks read small sets straight from a folder; the
-production path reads face shards written by ingest. Images are decoded once, centre-cropped
-to the face region and stored as uint8 at ``stored_size`` so augmentation is a cheap slice.
+The single-process trainer, evaluation, image-folder queries and the benchmarks read small
+sets straight from a folder; the production path reads face shards written by ingest
+(pipelines.formats.faces). Photos are decoded once, centre-cropped to the face region and
+held as uint8 at ``stored_size`` so augmentation is a cheap slice.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pipelines.formats.faces import FaceSet, face_array
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-@dataclass
-class FaceSet:
-    images: torch.Tensor  # (N, 3, S, S) uint8
-    labels: np.ndarray  # (N,) identity strings
-    paths: list[str]
-
-    def subset(self, index) -> "FaceSet":
-        index = np.asarray(index, dtype=np.int64)
-        return FaceSet(self.images[torch.from_numpy(index)], self.labels[index], [self.paths[i] for i in index])
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
 
 def list_identity_folder(root: str | os.PathLike, min_photos: int = 1, max_photos: int | None = None) -> list[tuple[str, str]]:
@@ -55,24 +42,8 @@ def list_identity_folder(root: str | os.PathLike, min_photos: int = 1, max_photo
     return items
 
 
-def face_array(im: Image.Image, stored_size: int, crop_fraction: float) -> np.ndarray:
-    """Centre square crop of ``crop_fraction`` of the shorter side, resized, as (3, S, S) uint8."""
-    im = im.convert("RGB")
-    w, h = im.size
-    side = max(1, int(round(min(w, h) * crop_fraction)))
-    left, top = (w - side) // 2, (h - side) // 2
-    im = im.crop((left, top, left + side, top + side)).resize((stored_size, stored_size), Image.BILINEAR)
-    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
-
-
 def load_face(path: str, stored_size: int, crop_fraction: float) -> np.ndarray:
     with Image.open(path) as im:
-        return face_array(im, stored_size, crop_fraction)
-
-
-def decode_face(data: bytes, stored_size: int, crop_fraction: float = 1.0) -> np.ndarray:
-    """An encoded face crop (a face-shard ``image`` cell) as (3, S, S) uint8."""
-    with Image.open(io.BytesIO(data)) as im:
         return face_array(im, stored_size, crop_fraction)
 
 

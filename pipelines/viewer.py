@@ -124,7 +124,7 @@ def read_faces(dataset: str, needed: set, storage_options: dict | None = None) -
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from pipelines.faces import face_shard_files
+    from pipelines.formats.faces import face_shard_files
     from storage.tables import open_parquet
 
     found: dict = {}

@@ -1,7 +1,8 @@
-"""Small face datasets in the face-shard contract, made from LFW photos for tests.
+"""Small face datasets in the face dataset format, made from LFW photos for tests.
 
-The ingest stage (MTCNN) is tested on its own; stages after it only need shards in the
-contract, so these are written directly: the centre of each LFW photo as the aligned crop.
+The ingest stage (MTCNN) is tested on its own; stages after it only need face shards, so
+these are written through the format's writer without detection: the centre of each LFW
+photo as the aligned crop, in shards listed by no manifest (read by file name).
 """
 from __future__ import annotations
 
@@ -10,15 +11,9 @@ import io
 import os
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
-SCHEMA = pa.schema([
-    ("face_id", pa.string()), ("identity", pa.string()), ("source", pa.string()), ("split", pa.string()),
-    ("image", pa.binary()), ("box", pa.list_(pa.float32(), 4)), ("landmarks", pa.list_(pa.float32(), 10)),
-    ("det_score", pa.float32()),
-])
+from pipelines.formats.faces import write_face_file
 
 
 def lfw_people(lfw_dir: Path, identities: int, photos: int, min_photos: int = 10,
@@ -47,8 +42,6 @@ def write_face_dataset(root: Path, lfw_dir: Path, identities: int = 8, photos: i
     for ident, paths in lfw_people(lfw_dir, identities, photos, skip=skip):
         for i, path in enumerate(paths):
             rows.append(face_row(ident, path, "query" if i < queries_per_identity else "database", size))
-    (root / "faces").mkdir(parents=True, exist_ok=True)
     for s in range(shards):
-        part = rows[s::shards]
-        pq.write_table(pa.Table.from_pylist(part, schema=SCHEMA), root / "faces" / f"part-{s:05d}.parquet")
+        write_face_file(str(root), f"part-{s:05d}.parquet", rows[s::shards])
     return root

@@ -17,7 +17,7 @@ from pipelines.cli import main as opqn_main
 from pipelines.encode.gallery_info import info
 from pipelines.evaluate.evaluation import evaluate_url, train_summary
 from pipelines.formats.checkpoint import save_checkpoint
-from pipelines.image_folder import list_identity_folder, load_face_set
+from pipelines.photo_folder import list_identity_folder, load_face_set
 from pipelines.train.local import TrainConfig
 from test_query import make_model, write_gallery
 

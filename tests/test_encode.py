@@ -16,7 +16,7 @@ from pipelines.encode.gallery_info import info
 from pipelines.encode.run import EncodeConfig, encode_gallery
 from pipelines.formats.gallery import deleted_ids, require_gallery
 from pipelines.formats.gallery_writer import compact, delete_faces
-from pipelines.faces import decode_batch
+from pipelines.formats.faces import decode_batch
 from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint, stored_size
 from pipelines.train.local import TrainConfig, train_local
 from storage.manifest import read_manifest

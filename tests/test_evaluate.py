@@ -18,7 +18,7 @@ from pipelines.evaluate.evaluation import evaluate_model, evaluate_url, load_mod
 from pipelines.evaluate.protocols import check_split, load_split, per_identity_split
 from pipelines.evaluate.report import TIE_RULE, write_report
 from pipelines.formats.checkpoint import load_checkpoint, save_checkpoint
-from pipelines.image_folder import list_identity_folder, load_face_set, query_split
+from pipelines.photo_folder import list_identity_folder, load_face_set, query_split
 from pipelines.train.local import TrainConfig, train_method
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.ingest import dataset as dsio
+from pipelines.formats import faces as face_format
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.run import prepare_dataset
 from storage import manifest as mf
@@ -63,9 +63,9 @@ def jpeg(im: Image.Image, **kw) -> bytes:
 
 def check_dataset(dataset: str, listed: set[str], storage_options=None):
     """The invariants every dataset must hold; returns (faces, rejects) as Python rows."""
-    faces = dsio.read_faces(dataset, storage_options=storage_options).to_pylist()
-    rejects = dsio.read_rejects(dataset, storage_options=storage_options).to_pylist()
-    index = dsio.read_sources(dataset, storage_options=storage_options).to_pylist()
+    faces = face_format.read_faces(dataset, storage_options=storage_options).to_pylist()
+    rejects = face_format.read_rejects(dataset, storage_options=storage_options).to_pylist()
+    index = face_format.read_sources(dataset, storage_options=storage_options).to_pylist()
     face_sources = {f["source"] for f in faces}
     reject_sources = [r["source"] for r in rejects]
     assert len(reject_sources) == len(set(reject_sources)), "a photo was rejected twice"
@@ -136,7 +136,7 @@ def test_bad_inputs_each_end_in_faces_or_rejects(tmp_path, lfw_dir, ray_local):
     # Nothing new: a re-run does nothing and changes nothing.
     again = prepare_dataset(str(src), dataset, cfg, stream=io.StringIO())
     assert again.processed == 0 and again.skipped == len(listed)
-    assert len(dsio.read_faces(dataset)) == len(faces)
+    assert len(face_format.read_faces(dataset)) == len(faces)
 
     # Different settings on the same dataset are refused with a clear message.
     with pytest.raises(ValueError, match="size: dataset has 32, asked for 64"):
@@ -154,7 +154,7 @@ def test_cli_prepare_runs_and_reports_errors(tmp_path, lfw_dir, ray_local, capsy
     assert main(["prepare", str(src), dataset, "--size", "32", "--format", "jpeg", "--seed", "1"]) == 0
     err = capsys.readouterr().err
     assert "2 faces written, 0 rejected" in err
-    assert len(dsio.read_faces(dataset)) == 2
+    assert len(face_format.read_faces(dataset)) == 2
     assert main(["prepare", str(tmp_path / "nowhere"), dataset]) == 1
     assert "source folder not found" in capsys.readouterr().err
 
@@ -307,10 +307,21 @@ def test_resume_after_kill_9_finishes_without_duplicates(tmp_path, lfw_dir, ray_
         copy_photos(person, src / person.name, 3)
     listed = {str(p) for p in src.rglob("*.jpg")}
     dataset = str(tmp_path / "ds")
+    stopped = tmp_path / "stopped-after-two-commits"
+    # The commit hook stops the driver right after its second commit, while the other worker is
+    # busy with the next shard; once that shard's files are written (never to be committed), the
+    # test kills the driver, its Ray node and workers with -9.
     code = (
+        "import time\n"
+        "from storage import manifest\n"
+        "def stop(root, m):\n"
+        "    if sum(e.path.startswith('sources/') for e in m.files) >= 2:\n"
+        f"        open({str(stopped)!r}, 'w').close()\n"
+        "        time.sleep(600)\n"
+        "manifest.COMMIT_HOOKS.append(stop)\n"
         "from pipelines.ingest.config import IngestConfig\n"
         "from pipelines.ingest.run import prepare_dataset\n"
-        f"prepare_dataset({str(src)!r}, {dataset!r}, IngestConfig(size=32, shard_size=2, batch_size=2, num_workers=1),"
+        f"prepare_dataset({str(src)!r}, {dataset!r}, IngestConfig(size=32, shard_size=2, batch_size=2, num_workers=2),"
         " progress_interval=0)\n"
     )
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -319,15 +330,13 @@ def test_resume_after_kill_9_finishes_without_duplicates(tmp_path, lfw_dir, ray_
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
-        committed = 0
-        while time.monotonic() < deadline and proc.poll() is None:
-            m = mf.read_manifest(dataset)
-            committed = len([e for e in m.files if e.path.startswith("sources/")]) if m else 0
-            if committed >= 2:
-                break
+        while time.monotonic() < deadline and proc.poll() is None and not stopped.exists():
             time.sleep(0.2)
         assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
-        assert committed >= 2, "no shard was committed in time"
+        assert stopped.exists(), "no shard was committed in time"
+        while time.monotonic() < deadline and not any(p.startswith("sources/") for p in mf.orphans(dataset)):
+            time.sleep(0.2)
+        assert any(p.startswith("sources/") for p in mf.orphans(dataset)), "the in-flight shard wrote nothing"
     finally:
         run = descendants(proc.pid) | {proc.pid}  # the driver, its Ray node and workers
         for pid in run:
@@ -338,8 +347,8 @@ def test_resume_after_kill_9_finishes_without_duplicates(tmp_path, lfw_dir, ray_
         proc.wait(timeout=30)
         proc.stderr.close()
         wait_gone(run)
-    partial = dsio.read_sources(dataset).num_rows
-    assert 0 < partial < len(listed)
+    partial = face_format.read_sources(dataset).num_rows
+    assert partial == 4 < len(listed), "two shards of two photos were committed"
 
     log = io.StringIO()
     result = prepare_dataset(str(src), dataset, IngestConfig(size=32, shard_size=2, batch_size=2), stream=log)

@@ -298,3 +298,53 @@ def test_shard_length_gives_every_worker_work_on_small_runs():
     assert shard_length(100_000, IngestConfig(shard_size=500), workers=8) == 500
     assert shard_length(10, IngestConfig(shard_size=500, batch_size=16), workers=2) == 16
     assert shard_length(10, IngestConfig(shard_size=2), workers=2) == 2
+
+
+# --------------------------------------------------------------------------- the face dataset format
+
+def face_row(face_id: str, split: str, size: int = 24) -> dict:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (10, 200, 30)).save(buf, format="PNG")
+    return {"face_id": face_id, "identity": "p", "source": f"{face_id}.jpg", "split": split, "image": buf.getvalue(),
+            "box": [0.0, 0.0, 1.0, 1.0], "landmarks": [0.0] * 10, "det_score": 0.99}
+
+
+def test_face_format_lists_what_is_committed_and_deletes_the_rest(tmp_path):
+    from pipelines.formats import faces as face_format
+    from storage import manifest as mf
+
+    dataset = str(tmp_path / "ds")
+    rows = [face_row("a-0", "query"), face_row("b-0", "database")]
+    sources = [{"source": f"{r['face_id']}.jpg", "identity": "p", "content_hash": r["face_id"], "split": r["split"],
+                "faces": 1, "reason": None} for r in rows]
+    rejects = [{"source": "c.jpg", "reason": "no_face", "detail": "", "identity": "p"}]
+    entries = face_format.write_shard(dataset, rows, rejects, sources)
+    face_format.commit_shard(dataset, entries, {"size": 24})
+    face_format.write_shard(dataset, [face_row("x-0", "query")], [], [])  # a crashed run's files
+    assert face_format.read_faces(dataset, ["face_id"]).column("face_id").to_pylist() == ["a-0", "b-0"]
+    assert face_format.read_rejects(dataset).num_rows == 1 and face_format.read_sources(dataset).num_rows == 2
+    assert face_format.recorded_settings(mf.read_manifest(dataset)) == {"size": 24}
+    [(url, key, fingerprint)] = face_format.face_shards(dataset)
+    assert key.startswith("faces/") and fingerprint == next(e.sha256 for e in entries if e.path == key)
+    assert sorted(p.split("/")[0] for p in face_format.delete_uncommitted(dataset)) == ["faces", "sources"]
+    assert mf.orphans(dataset) == []
+    faces = face_format.load_face_dataset(dataset, ("query",), stored_size=16)
+    assert faces.paths == ["a-0"] and tuple(faces.images.shape) == (1, 3, 16, 16)
+    assert faces.images[0, 1].float().mean() > 150  # the green channel survived encode + decode
+
+
+def test_prepare_runs_in_process_with_the_local_executor(tmp_path, lfw_dir):
+    from pipelines.formats import faces as face_format
+    from pipelines.ingest.run import prepare_dataset
+
+    src = tmp_path / "src"
+    for name in LFW_PICK:
+        (src / name).mkdir(parents=True)
+        (src / name / "1.jpg").write_bytes(lfw_photo(lfw_dir, name).read_bytes())
+    (src / LFW_PICK[0] / "broken.jpg").write_bytes(b"not a photo")
+    log = io.StringIO()
+    dataset = str(tmp_path / "ds")
+    result = prepare_dataset(str(src), dataset, IngestConfig(size=32, shard_size=2, executor="local"), stream=log)
+    assert (result.faces, result.rejected, result.nodes) == (3, {"not_an_image": 1}, {"local": 2})
+    assert sorted(face_format.read_faces(dataset, ["identity"]).column("identity").to_pylist()) == sorted(LFW_PICK)
+    assert "3 faces written, 1 rejected (not_an_image=1), 2 shards" in log.getvalue()

@@ -16,7 +16,7 @@ import torch
 from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint
 from pipelines.encode.gallery_info import info
 from pipelines.encode.run import EncodeConfig, encode_gallery
-from pipelines.faces import decode_batch
+from pipelines.formats.faces import decode_batch
 from pipelines.formats.gallery import load_quantizer, paired_path, require_gallery
 from model.features import embed, normalized_feature
 from pipelines.formats.checkpoint import stored_size

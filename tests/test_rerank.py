@@ -155,7 +155,7 @@ def test_features_are_the_evaluation_float_feature_and_codes_are_unchanged(
     # the stored vector is F.normalize(embed(model, image)), the float upper bound of evaluation
     faces = pq.read_table(dataset / "faces").to_pydict()
     state = load_checkpoint(model_url)
-    from pipelines.faces import decode_batch
+    from pipelines.formats.faces import decode_batch
     images = torch.from_numpy(decode_batch(faces["image"], stored_size(state)))
     x = F.normalize(embed(model_from_checkpoint(state), images), dim=1).numpy()
     row = {f: i for i, f in enumerate(faces["face_id"])}
@@ -220,7 +220,7 @@ def test_rerank_deeper_than_the_gallery_is_exact_float_search(dataset, model_url
     # and the float16 storage costs little against the float32 features
     state = load_checkpoint(model_url)
     faces = pq.read_table(dataset / "faces").to_pydict()
-    from pipelines.faces import decode_batch
+    from pipelines.formats.faces import decode_batch
     db = [i for i, s in enumerate(faces["split"]) if s == "database"]
     images = torch.from_numpy(decode_batch([faces["image"][i] for i in db], stored_size(state)))
     xd = F.normalize(embed(model_from_checkpoint(state), images), dim=1).numpy()

@@ -11,7 +11,7 @@ import torch
 from model.features import embed
 from model.opqn import OPQNConfig
 from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint
-from pipelines.image_folder import list_identity_folder, load_face_set, query_split
+from pipelines.photo_folder import list_identity_folder, load_face_set, query_split
 from pipelines.train.local import TrainConfig, train_local
 from pipelines.train.loop import augment, train_step
 from storage.checkpoints import read_bytes

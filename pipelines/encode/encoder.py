@@ -22,10 +22,9 @@ import torch
 
 from pipelines.formats.checkpoint import model_from_checkpoint
 from pipelines.execution import process_cached
-from pipelines.faces import read_face_columns
+from pipelines.formats.faces import decode_face, read_face_columns
 from pipelines.formats.gallery import code_numpy_dtype, read_quantizer
 from pipelines.formats.gallery_writer import write_source
-from pipelines.image_folder import decode_face
 from model.features import embed, normalized_feature
 from pipelines.formats.checkpoint import stored_size
 from storage.manifest import FileEntry

@@ -21,7 +21,7 @@ from model.refine import check_bytes, train_quantizer
 from pipelines.formats.checkpoint import model_from_checkpoint
 from pipelines.formats.gallery import Gallery
 from pipelines.formats.gallery_writer import write_quantizer
-from pipelines.image_folder import decode_face
+from pipelines.formats.faces import decode_face
 from model.features import embed, normalized_feature
 from pipelines.formats.checkpoint import stored_size
 from storage.manifest import FileEntry

@@ -24,7 +24,7 @@ from pipelines.formats.checkpoint import load_checkpoint, require_opqn
 from pipelines.encode.encoder import EncodeJob, encode_source, model_state
 from pipelines.encode.refine import prepare_refine
 from pipelines.execution import EXECUTORS, run_tasks, start_ray
-from pipelines.faces import face_shards, read_face_columns
+from pipelines.formats.faces import face_shards, read_face_columns
 from pipelines.formats.gallery import gallery_metadata, open_gallery
 from pipelines.formats.gallery_writer import commit_sources
 from pipelines.progress import Progress, format_seconds

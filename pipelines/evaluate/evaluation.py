@@ -24,7 +24,7 @@ from model.registry import Method, method_of
 from pipelines.evaluate.protocols import check_split, is_shard_dataset, load_split
 from pipelines.evaluate.report import write_report
 from pipelines.formats.checkpoint import checkpoint_method, load_checkpoint, model_from_checkpoint, stored_size
-from pipelines.image_folder import FaceSet
+from pipelines.formats.faces import FaceSet
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.faces import face_shard_files, is_face_dataset, load_face_dataset, read_face_columns
-from pipelines.image_folder import FaceSet, list_identity_folder, load_face_set, query_split
+from pipelines.formats.faces import FaceSet, face_shard_files, is_face_dataset, load_face_dataset, read_face_columns
+from pipelines.photo_folder import list_identity_folder, load_face_set, query_split
 
 PROTOCOLS = ("single", "cross")
 

@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=500, help="photos per shard (the unit of resume)")
     p.add_argument("--batch-size", type=int, default=16, help="photos per detector call")
-    p.add_argument("--workers", dest="num_workers", type=int, default=None, help="detector actors (default: one per CPU)")
+    p.add_argument("--workers", dest="num_workers", type=int, default=None, help="shards processed at once (default: one per CPU)")
     p.set_defaults(func=run_cli)
 
 

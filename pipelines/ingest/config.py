@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from pipelines.execution import EXECUTORS
+
 SELECTIONS = ("largest", "central", "score")
 FORMATS = ("png", "jpeg")
 PROTOCOLS = ("single", "cross")
@@ -22,7 +24,9 @@ class IngestConfig:
     are ``unseen``, the rest ``train``); identities with fewer than ``min_photos`` distinct
     photos are rejected. ``seed`` makes splits reproducible.
     Work: ``shard_size`` photos per output shard (the unit of resume), ``batch_size``
-    photos per detector call, ``num_workers`` detector actors (default: one per CPU).
+    photos per detector call, ``num_workers`` shards processed at once (default: one per
+    CPU), ``executor`` ``ray`` (in-process Ray, or the cluster of ``RAY_ADDRESS``) or ``local``
+    (every shard in this process, no Ray: debugging and small jobs).
     """
 
     size: int = 112
@@ -45,6 +49,7 @@ class IngestConfig:
     batch_size: int = 16
     num_workers: int | None = None
     torch_threads: int = 1
+    executor: str = "ray"
     storage_options: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -65,6 +70,8 @@ class IngestConfig:
             problems.append(f"min_photos={self.min_photos} (want >= 1)")
         if self.shard_size < 1 or self.batch_size < 1:
             problems.append("shard_size and batch_size must be >= 1")
+        if self.executor not in EXECUTORS:
+            problems.append(f"executor={self.executor!r} (want one of {EXECUTORS})")
         if self.detect_max_side < 64:
             problems.append(f"detect_max_side={self.detect_max_side} (want >= 64)")
         if problems:

@@ -1,12 +1,15 @@
-"""The ingest driver: list -> hash -> plan -> shards on Ray Data -> commit each shard.
+"""The ingest driver: list -> hash -> plan -> shards on the execution layer -> commit each shard.
 
 Thin on purpose (like img2dataset's distributor): every decision is made by plain functions
-(``sources``, ``plan``, ``splits``, ``shards``, ``photos``); this module hands shards to Ray
-Data, commits each finished shard to the manifest, and prints progress.
+(``sources``, ``plan``, ``splits``, ``shards``, ``photos``); this module hands shards to
+``pipelines.execution.run_tasks`` (one task per shard, a bounded number in flight), commits
+each finished shard to the manifest as it arrives, and prints progress.
 
-Ray: in-process by default (``ray.init()`` on 127.0.0.1), the cluster named by ``RAY_ADDRESS``
-when set, or whatever Ray the caller already initialised. On a cluster the source and the
-dataset URLs must be reachable from every node (s3://, or a shared file system).
+Executor ``ray`` (the default): Ray in-process on 127.0.0.1, the cluster named by
+``RAY_ADDRESS`` when set, or whatever Ray the caller already initialised (all through
+``pipelines.execution.start_ray``). On a cluster the source and the dataset URLs must be
+reachable from every node (s3://, or a shared file system). Executor ``local``: the same
+shard function, one shard after another in this process (no Ray).
 
 Resume and incremental runs: the ``sources`` table lists every photo already processed, so a
 re-run (after a crash or after photos were added) processes only the photos not yet listed.
@@ -14,30 +17,26 @@ Files written but never committed (a killed run) are deleted first: one writer p
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from storage import files as sfiles
 from storage import manifest as mf
 
+from pipelines import execution
+from pipelines.formats import faces as face_format
 from pipelines.progress import Progress, format_seconds
 
-from . import dataset as ds_io
 from .config import IngestConfig
 from .plan import hash_many, hash_one, plan_photos
-from .shards import FACES_DIR, REJECTS_DIR, SOURCES_DIR, process_shard
+from .shards import shard_task
 from .sources import list_sources
 
 log = logging.getLogger(__name__)
 
-FORMAT = "opqn-faces"
-VERSION = 1
+HASH_CHUNK = 256  # photos per hashing task on an object store
 
 
 @dataclass
@@ -72,10 +71,10 @@ def prepare_dataset(source: str, dataset: str, config: IngestConfig | None = Non
     listing = list_sources(source, opts)
     result = PrepareResult(dataset=dataset, photos=len(listing))
 
-    current = mf.read_manifest(dataset, opts)
-    _check_settings(current, dataset, config)
-    _delete_uncommitted(dataset, opts)
-    done = ds_io.read_sources(dataset, opts).to_pylist()
+    _check_settings(mf.read_manifest(dataset, opts), dataset, config)
+    for rel in face_format.delete_uncommitted(dataset, opts):
+        log.info("deleted uncommitted file %s/%s", dataset, rel)
+    done = face_format.read_sources(dataset, opts).to_pylist()
     done_sources = {r["source"] for r in done}
     pending = [s for s in listing if s.url not in done_sources]
     result.skipped = len(listing) - len(pending)
@@ -86,21 +85,25 @@ def prepare_dataset(source: str, dataset: str, config: IngestConfig | None = Non
         print(result.summary(), file=stream, flush=True)
         return result
 
-    ray = _ensure_ray()
+    if config.executor == "ray":
+        execution.start_ray(worker_logs=False)
     readable = [s.url for s in pending if not s.problem]
-    hashes = {h["url"]: h for h in _hash_pass(ray, readable, config)}
+    hashes = {h["url"]: h for h in _hash_pass(readable, config)}
     items = plan_photos(pending, hashes, done, config)
-    workers = _workers(ray, config)
+    workers = _workers(config)
     size = shard_length(len(items), config, workers)
-    tasks = [items[i:i + size] for i in range(0, len(items), size)]
+    shards = [items[i:i + size] for i in range(0, len(items), size)]
 
-    metadata = {"ingest": {"format": FORMAT, "version": VERSION, "config": config.recorded()}}
+    settings = config.recorded()
     rejected: Counter = Counter()
     nodes: Counter = Counter()
-    for stats in _run_shards(ray, tasks, dataset, config, workers):
-        nodes[stats.get("node")] += 1
-        entries = [mf.FileEntry(**e) for e in stats["entries"]]
-        mf.commit(dataset, mf.Delta(add=tuple(entries), metadata=metadata), opts)
+    threads = max(1, config.torch_threads) if config.executor == "ray" else 0
+    done_shards = execution.run_tasks(shard_task, shards, shared=(dataset, config, threads),
+                                      executor=config.executor, max_in_flight=min(workers, len(shards)),
+                                      num_cpus=max(1, config.torch_threads))
+    for _, stats in done_shards:
+        nodes[stats["node"]] += 1
+        face_format.commit_shard(dataset, stats["entries"], settings, opts)
         result.shards += 1
         result.processed += stats["photos"]
         result.faces += stats["faces"]
@@ -115,7 +118,7 @@ def prepare_dataset(source: str, dataset: str, config: IngestConfig | None = Non
 
 def _check_settings(manifest, dataset: str, config: IngestConfig) -> None:
     """A dataset holds crops of one size/format/split protocol; refuse to mix settings."""
-    old = (manifest.metadata.get("ingest") or {}).get("config") if manifest else None
+    old = face_format.recorded_settings(manifest)
     if not old:
         return
     new = config.recorded()
@@ -126,75 +129,25 @@ def _check_settings(manifest, dataset: str, config: IngestConfig) -> None:
                          "use the same settings or a new dataset URL")
 
 
-def _delete_uncommitted(dataset: str, opts) -> None:
-    """Remove data files a crashed run wrote but never committed (single writer per dataset)."""
-    for rel in mf.orphans(dataset, opts):
-        if rel.split("/")[0] in (FACES_DIR, REJECTS_DIR, SOURCES_DIR):
-            log.info("deleting uncommitted file %s/%s", dataset, rel)
-            sfiles.delete(mf.file_url(dataset, rel), opts)
+def hash_chunk(urls: list[str], max_bytes: int, storage_options: dict | None) -> list[dict]:
+    """One hashing task: ``hash_one`` for each URL."""
+    return [hash_one(u, max_bytes, storage_options) for u in urls]
 
 
-def _ensure_ray():
-    """Use the caller's Ray, else the cluster at RAY_ADDRESS, else start one in-process on loopback."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        # "local" always starts a private instance; a bare ray.init() would attach to any
-        # cluster someone started on this machine with `ray start`.
-        kwargs = {} if address else {"address": "local", "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
-        ray.init(address=address or kwargs.pop("address"), configure_logging=False, log_to_driver=False, **kwargs)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    return ray
-
-
-def _hash_pass(ray, urls: list[str], config: IngestConfig) -> list[dict]:
-    """Content hashes of the new photos: driver threads for local files, Ray Data for object stores
-    (spread over the cluster's network bandwidth). Reading is cheap next to detection."""
+def _hash_pass(urls: list[str], config: IngestConfig) -> list[dict]:
+    """Content hashes of the new photos: driver threads for local files (and in-process runs),
+    tasks spread over the cluster for object stores (its network bandwidth). Reading is cheap
+    next to detection."""
     if not urls:
         return []
     from storage.urls import is_local
 
-    if len(urls) <= 64 or is_local(urls[0]):  # local disk: driver threads beat a Ray Data job
-        return hash_many(urls, config.max_bytes, config.storage_options or None)
-    max_bytes, opts = config.max_bytes, config.storage_options or None
-
-    def hash_batch(batch: dict) -> dict:
-        rows = [hash_one(u, max_bytes, opts) for u in batch["url"]]
-        return {k: np.array([r[k] for r in rows], dtype=object) for k in ("url", "content_hash", "reason", "detail")}
-
-    data = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=max(1, min(64, len(urls) // 256)))
-    return data.map_batches(hash_batch, batch_size=256, batch_format="numpy").take_all()
-
-
-_DETECTORS: dict = {}
-
-
-def _detector(config: IngestConfig):
-    """One MTCNN per worker process, kept between tasks and runs (Ray reuses task workers)."""
-    import torch
-
-    from .mtcnn import MTCNN
-
-    torch.set_num_threads(max(1, config.torch_threads))
-    key = (config.min_face_size, tuple(config.thresholds))
-    if key not in _DETECTORS:
-        _DETECTORS[key] = MTCNN(min_face_size=config.min_face_size, thresholds=config.thresholds)
-    return _DETECTORS[key]
-
-
-def _shard_batch(batch: dict, dataset: str, config: IngestConfig) -> dict:
-    """Ray Data task: process whole shards (one per row) with the process's cached detector."""
-    import ray
-
-    detector = _detector(config)
-    node = ray.get_runtime_context().get_node_id()
-    out = [json.dumps({**process_shard(json.loads(t), dataset, config, detector), "node": node}) for t in batch["task"]]
-    return {"stats": np.array(out, dtype=object)}
+    opts = config.storage_options or None
+    if len(urls) <= 64 or is_local(urls[0]) or config.executor == "local":
+        return hash_many(urls, config.max_bytes, opts)
+    chunks = [urls[i:i + HASH_CHUNK] for i in range(0, len(urls), HASH_CHUNK)]
+    hashed = execution.run_tasks(hash_chunk, chunks, shared=(config.max_bytes, opts), spread=True)
+    return [h for _, part in hashed for h in part]
 
 
 def shard_length(photos: int, config: IngestConfig, workers: int) -> int:
@@ -204,22 +157,10 @@ def shard_length(photos: int, config: IngestConfig, workers: int) -> int:
     return max(1, min(config.shard_size, max(config.batch_size, per_worker)))
 
 
-def _workers(ray, config: IngestConfig) -> int:
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, config.num_workers or cpus // max(1, config.torch_threads))
-
-
-def _run_shards(ray, tasks: list[list[dict]], dataset: str, config: IngestConfig, workers: int):
-    """Yield each shard's stats as soon as it is written (streaming, any order)."""
-    workers = max(1, min(workers, len(tasks)))
-    data = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
-    results = data.map_batches(
-        _shard_batch,
-        fn_kwargs={"dataset": dataset, "config": config},
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.TaskPoolStrategy(size=workers),
-        num_cpus=max(1, config.torch_threads),
-    )
-    for row in results.iter_rows():
-        yield json.loads(row["stats"])
+def _workers(config: IngestConfig) -> int:
+    """Shards processed at once: ``num_workers``, else one per ``torch_threads`` CPUs of the
+    cluster (of this machine for in-process runs)."""
+    if config.num_workers:
+        return config.num_workers
+    cpus = execution.cluster_cpus() if config.executor == "ray" else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, config.torch_threads))

@@ -1,57 +1,22 @@
-"""One shard: read its photos, detect + align them in batches, write three Parquet files.
+"""One shard: read its photos, detect + align them in batches, write its files.
 
-The shard is the unit of work handed to Ray and the unit of resume: its files get fresh
-unique names and become part of the dataset only when the driver commits them to the
-manifest (all three in one commit). A worker killed half-way leaves unlisted files, which
-the next run deletes and redoes.
-
-Files (each listed in ``<dataset>/manifest.json``):
-
-- ``faces/part-*.parquet``: the face rows (contract columns, see ``FACE_SCHEMA``);
-- ``rejects/part-*.parquet``: ``source, reason`` (+ ``detail``, ``identity``);
-- ``sources/part-*.parquet``: one row per input photo (``source, identity, content_hash,
-  split, faces, reason``): the record of what was processed, used by incremental re-runs.
+The shard is the unit of work handed to the execution layer and the unit of resume: its
+files (faces, rejects, sources: pipelines.formats.faces) get fresh unique names and become
+part of the dataset only when the driver commits them to the manifest, all three in one
+commit. A worker killed half-way leaves unlisted files, which the next run deletes and redoes.
 """
 from __future__ import annotations
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-import pyarrow as pa
-
-from storage import manifest as mf
+from pipelines.execution import node_id, process_cached
+from pipelines.formats import faces as face_format
 
 from .config import IngestConfig
 from .decode import UNREADABLE, Rejected
 from .photos import Photo, process_photos
 from .sources import read_source
-
-FACES_DIR, REJECTS_DIR, SOURCES_DIR = "faces", "rejects", "sources"
-
-FACE_SCHEMA = pa.schema([
-    ("face_id", pa.string()),
-    ("identity", pa.string()),
-    ("source", pa.string()),
-    ("split", pa.string()),
-    ("image", pa.binary()),
-    ("box", pa.list_(pa.float32(), 4)),
-    ("landmarks", pa.list_(pa.float32(), 10)),  # x0, y0, x1, y1, ... : eyes, nose, mouth corners
-    ("det_score", pa.float32()),
-])
-REJECT_SCHEMA = pa.schema([
-    ("source", pa.string()),
-    ("reason", pa.string()),
-    ("detail", pa.string()),
-    ("identity", pa.string()),
-])
-SOURCE_SCHEMA = pa.schema([
-    ("source", pa.string()),
-    ("identity", pa.string()),
-    ("content_hash", pa.string()),
-    ("split", pa.string()),
-    ("faces", pa.int32()),
-    ("reason", pa.string()),
-])
 
 
 def read_photos(items: list[dict], config: IngestConfig, threads: int = 8) -> list[Photo]:
@@ -78,7 +43,7 @@ def read_photos(items: list[dict], config: IngestConfig, threads: int = 8) -> li
 
 
 def process_shard(items: list[dict], dataset: str, config: IngestConfig, detector) -> dict:
-    """Process one shard's photos and write its files; return the entries to commit and counts.
+    """Process one shard's photos and write its files; return their manifest entries and counts.
 
     ``items``: dicts with ``source, identity, split`` and, for photos the driver already
     rejected, ``reason, detail, content_hash``. Nothing is committed here.
@@ -94,19 +59,29 @@ def process_shard(items: list[dict], dataset: str, config: IngestConfig, detecto
         index += i
         for p in photos:
             p.data = None  # free the bytes before the next batch
-    entries = []
-    opts = config.storage_options or None
-    if faces:
-        entries.append(mf.write_data_file(dataset, pa.Table.from_pylist(faces, FACE_SCHEMA), subdir=FACES_DIR,
-                                          schema=FACE_SCHEMA, storage_options=opts))
-    if rejects:
-        entries.append(mf.write_data_file(dataset, pa.Table.from_pylist(rejects, REJECT_SCHEMA), subdir=REJECTS_DIR,
-                                          schema=REJECT_SCHEMA, storage_options=opts))
-    entries.append(mf.write_data_file(dataset, pa.Table.from_pylist(index, SOURCE_SCHEMA), subdir=SOURCES_DIR,
-                                      schema=SOURCE_SCHEMA, storage_options=opts))
+    entries = face_format.write_shard(dataset, faces, rejects, index, config.storage_options or None)
     return {
-        "entries": [e.to_dict() for e in entries],
+        "entries": entries,
         "photos": len(items),
         "faces": len(faces),
         "rejected": dict(Counter(r["reason"] for r in rejects)),
     }
+
+
+def detector(config: IngestConfig):
+    """The MTCNN of this worker process, built once and kept between tasks and runs."""
+    from .mtcnn import MTCNN
+
+    key = ("mtcnn", config.min_face_size, tuple(config.thresholds))
+    return process_cached(key, lambda: MTCNN(min_face_size=config.min_face_size, thresholds=config.thresholds))
+
+
+def shard_task(items: list[dict], dataset: str, config: IngestConfig, torch_threads: int) -> dict:
+    """One task of the execution layer: ``process_shard`` with the process's detector, plus the
+    node it ran on. ``torch_threads`` > 0 pins the worker's torch threads (0: leave them, as
+    in-process runs do)."""
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    return {**process_shard(items, dataset, config, detector(config)), "node": node_id()}

@@ -103,8 +103,8 @@ def load_queries(queries_url: str, split: str, size: int, crop_fraction: float =
     """(query ids, uint8 images (n, 3, size, size)); empty when no query matches."""
     import torch
 
-    from pipelines.faces import face_shard_files, is_face_dataset, load_face_dataset, read_face_columns
-    from pipelines.image_folder import IMAGE_EXTENSIONS, list_identity_folder, load_face_set
+    from pipelines.formats.faces import face_shard_files, is_face_dataset, load_face_dataset, read_face_columns
+    from pipelines.photo_folder import IMAGE_EXTENSIONS, list_identity_folder, load_face_set
 
     empty = ([], torch.empty(0, 3, size, size, dtype=torch.uint8))
     if is_face_dataset(queries_url, storage_options):

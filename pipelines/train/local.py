@@ -19,9 +19,9 @@ import torch
 
 from model.registry import get_method, with_loss
 from pipelines.evaluate.evaluation import train_summary
-from pipelines.faces import is_face_dataset, load_face_dataset
+from pipelines.formats.faces import FaceSet, is_face_dataset, load_face_dataset
 from pipelines.formats.checkpoint import checkpoint_exists, restore_training, save_checkpoint, training_state
-from pipelines.image_folder import FaceSet, list_identity_folder, load_face_set, query_split
+from pipelines.photo_folder import list_identity_folder, load_face_set, query_split
 from pipelines.progress import Progress
 from pipelines.settings import data_root
 from pipelines.train.loop import steps_per_epoch, train_epoch

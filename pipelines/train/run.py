@@ -19,7 +19,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.execution import start_ray
-from pipelines.faces import arrow_filesystem, decode_batch, face_shard_files, read_face_columns
+from pipelines.formats.faces import arrow_filesystem, decode_batch, face_shard_files, read_face_columns
 from pipelines.formats.checkpoint import load_checkpoint
 from pipelines.train.config import RayTrainConfig
 from pipelines.train.worker import train_worker

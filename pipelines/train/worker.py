@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from model.registry import build_network, with_loss
-from pipelines.faces import load_face_dataset
+from pipelines.formats.faces import load_face_dataset
 from pipelines.formats.checkpoint import checkpoint_exists, load_checkpoint, restore_training, save_checkpoint, training_state
 from pipelines.train.config import RayTrainConfig
 from pipelines.train.loop import train_epoch
