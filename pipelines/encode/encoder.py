@@ -20,13 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipelines.formats.checkpoint import model_from_checkpoint
+from model.features import embed, normalized_feature
 from pipelines.execution import process_cached
+from pipelines.formats.checkpoint import model_from_checkpoint, stored_size
 from pipelines.formats.faces import decode_face, read_face_columns
 from pipelines.formats.gallery import code_numpy_dtype, read_quantizer
 from pipelines.formats.gallery_writer import write_source
-from model.features import embed, normalized_feature
-from pipelines.formats.checkpoint import stored_size
 from storage.manifest import FileEntry
 
 TRAINING_ONLY = ("optimizer", "scheduler", "history")  # checkpoint parts an encode task never reads

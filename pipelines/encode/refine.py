@@ -17,15 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.features import embed, normalized_feature
 from model.refine import check_bytes, train_quantizer
-from pipelines.formats.checkpoint import model_from_checkpoint
+from pipelines.formats.checkpoint import model_from_checkpoint, stored_size
+from pipelines.formats.faces import decode_face, read_face_columns
 from pipelines.formats.gallery import Gallery
 from pipelines.formats.gallery_writer import write_quantizer
-from pipelines.formats.faces import decode_face
-from model.features import embed, normalized_feature
-from pipelines.formats.checkpoint import stored_size
 from storage.manifest import FileEntry
-from storage.tables import iter_batches
 
 
 @dataclass(frozen=True)
@@ -47,8 +45,10 @@ def sample_features(state: dict, source_urls: list[str], splits: tuple, limit: i
     size = stored_size(state)
     out, taken = [], 0
     for url in source_urls:
-        for batch in iter_batches(url, columns=["split", "image"], batch_size=batch_size):
-            split, images = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+        table = read_face_columns([url], ("split", "image"))
+        for start in range(0, table.num_rows, batch_size):
+            batch = table.slice(start, batch_size)
+            split, images = batch.column("split").to_pylist(), batch.column("image").to_pylist()
             decoded = []
             for s, image in zip(split, images):
                 if splits and s not in splits:

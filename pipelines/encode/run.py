@@ -20,10 +20,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pipelines.formats.checkpoint import load_checkpoint, require_opqn
 from pipelines.encode.encoder import EncodeJob, encode_source, model_state
 from pipelines.encode.refine import prepare_refine
 from pipelines.execution import EXECUTORS, run_tasks, start_ray
+from pipelines.formats.checkpoint import load_checkpoint, require_opqn
 from pipelines.formats.faces import face_shards, read_face_columns
 from pipelines.formats.gallery import gallery_metadata, open_gallery
 from pipelines.formats.gallery_writer import commit_sources

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipelines.formats.gallery import feature_matrix, refine_matrix
 from model.features import exact_cosine
-from pipelines.query.topk import TOPK_SCHEMA, ShardTask, best_per_query, empty_topk
 from model.refine import RefineQuantizer
+from pipelines.formats.gallery import feature_matrix, refine_matrix
+from pipelines.query.topk import TOPK_SCHEMA, ShardTask, best_per_query, empty_topk
 from storage.tables import open_parquet
 
 RERANK_SCHEMA = TOPK_SCHEMA.append(pa.field("exact", pa.float32()))

@@ -38,10 +38,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint, require_opqn
 from pipelines.execution import EXECUTORS, start_ray
+from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint, require_opqn, stored_size
 from pipelines.formats.gallery import deleted_ids, load_quantizer, require_gallery
-from pipelines.formats.checkpoint import stored_size
 from pipelines.progress import Progress, format_seconds
 from pipelines.query.kernels import KERNELS, check_kernel, choose_kernel
 from pipelines.query.rerank import Rescorer, check_depth, rerank_topk
