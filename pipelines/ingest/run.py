@@ -30,7 +30,7 @@ from pipelines.formats import faces as face_format
 from pipelines.progress import Progress, format_seconds
 
 from .config import IngestConfig
-from .plan import hash_many, hash_one, plan_photos
+from .plan import hash_many, plan_photos
 from .shards import shard_task
 from .sources import list_sources
 
@@ -129,15 +129,10 @@ def _check_settings(manifest, dataset: str, config: IngestConfig) -> None:
                          "use the same settings or a new dataset URL")
 
 
-def hash_chunk(urls: list[str], max_bytes: int, storage_options: dict | None) -> list[dict]:
-    """One hashing task: ``hash_one`` for each URL."""
-    return [hash_one(u, max_bytes, storage_options) for u in urls]
-
-
 def _hash_pass(urls: list[str], config: IngestConfig) -> list[dict]:
-    """Content hashes of the new photos: driver threads for local files (and in-process runs),
-    tasks spread over the cluster for object stores (its network bandwidth). Reading is cheap
-    next to detection."""
+    """Content hashes of the new photos: driver threads for local files (and in-process runs);
+    for object stores, tasks of ``HASH_CHUNK`` photos (each reading with threads) spread over
+    the cluster and its network bandwidth. Reading is cheap next to detection."""
     if not urls:
         return []
     from storage.urls import is_local
@@ -146,7 +141,7 @@ def _hash_pass(urls: list[str], config: IngestConfig) -> list[dict]:
     if len(urls) <= 64 or is_local(urls[0]) or config.executor == "local":
         return hash_many(urls, config.max_bytes, opts)
     chunks = [urls[i:i + HASH_CHUNK] for i in range(0, len(urls), HASH_CHUNK)]
-    hashed = execution.run_tasks(hash_chunk, chunks, shared=(config.max_bytes, opts), spread=True)
+    hashed = execution.run_tasks(hash_many, chunks, shared=(config.max_bytes, opts), spread=True)
     return [h for _, part in hashed for h in part]
 
 
