@@ -1,13 +1,14 @@
-"""Ingest throughput: the Ray Data pipeline vs a plain loop over the same LFW photos, same run.
+"""Ingest throughput: the ingest pipeline vs a plain loop over the same LFW photos, same run.
 
 Baseline: one process, one torch thread (with 2+ threads on a busy shared machine OpenMP
 spin-waiting makes the loop many times slower, which would flatter the pipeline; pass
 ``--baseline-threads`` to compare anyway), for each photo: read, decode, MTCNN on that
 one photo, align + encode the largest face (the per-photo work of the pipeline, without Ray,
-batching or Parquet). Pipeline: ``prepare_dataset`` on in-process Ray (Ray already started;
-its start-up is reported apart), writing real shards to a temporary dataset; ``faces_per_s``
-counts worker start-up (a cold run), ``warm_faces_per_s`` is a second run in the same Ray
-session, whose workers already hold MTCNN (steady state).
+batching or Parquet). Pipeline: ``prepare_dataset`` on in-process Ray with one CPU per core
+(one Ray task per shard; Ray already started, its start-up reported apart), writing real
+shards to a temporary dataset; ``faces_per_s`` counts worker start-up (a cold run),
+``warm_faces_per_s`` is a second run in the same Ray session, whose workers already hold
+MTCNN (steady state).
 
 faces/s = face rows produced / wall seconds. Peak RSS: the driver plus every process under it
 (Ray workers included), sampled every 0.2 s during the pipeline run. The last line is JSON.
@@ -86,14 +87,12 @@ def main(argv=None) -> int:
     print(f"baseline (plain loop, {args.baseline_threads} torch threads): {base_faces} faces in {base_s:.1f}s "
           f"= {base_faces / base_s:.1f} faces/s", file=sys.stderr)
 
-    import ray
-
+    from pipelines.execution import start_ray
     from pipelines.ingest.config import IngestConfig
     from pipelines.ingest.run import prepare_dataset
 
     t0 = time.perf_counter()
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-             configure_logging=False, log_to_driver=False)
+    ray = start_ray(num_cpus=cpus, worker_logs=False)
     ray_init_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
         src = Path(tmp) / "src"
@@ -111,7 +110,7 @@ def main(argv=None) -> int:
             warm_s = time.perf_counter() - t0
     ray.shutdown()
     pipe_fps, base_fps = result.faces / pipe_s, base_faces / base_s
-    print(f"pipeline (Ray Data, {cpus} CPUs): {result.faces} faces in {pipe_s:.1f}s = {pipe_fps:.1f} faces/s "
+    print(f"pipeline (Ray tasks, {cpus} CPUs): {result.faces} faces in {pipe_s:.1f}s = {pipe_fps:.1f} faces/s "
           f"(ray.init {ray_init_s:.1f}s not included); rejected {result.rejected}", file=sys.stderr)
     print(json.dumps({"faces_per_s": round(pipe_fps, 2), "baseline_faces_per_s": round(base_fps, 2),
                       "ratio": round(pipe_fps / base_fps, 3), "peak_rss_mb": round(rss.peak / 2 ** 20, 1),
