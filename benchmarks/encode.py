@@ -36,6 +36,7 @@ from memory import PeakMemory
 from model.opqn import OPQN, config_for_variant
 from pipelines.formats.checkpoint import save_checkpoint
 from pipelines.encode.run import EncodeConfig, encode_gallery
+from pipelines.execution import start_ray
 from pipelines.formats.faces import decode_batch
 from model.features import embed
 
@@ -129,8 +130,7 @@ def main(argv=None) -> int:
             ds = synthetic_dataset(tmp / f"rss{size}", size, int(round(args.rss_image_size * 1.1)),
                                    shard_rows=args.rss_shard_rows)
             ray.shutdown()
-            ray.init(num_cpus=(os.cpu_count() or 1) + 1, object_store_memory=args.object_store_mb * 2**20,
-                     include_dashboard=False)
+            start_ray(object_store_mb=args.object_store_mb)
             with PeakMemory() as rss:
                 t0 = time.monotonic()
                 encode_gallery(small_model, str(ds), str(tmp / f"gallery{size}"), EncodeConfig(batch_size=args.rss_batch_size))

@@ -22,13 +22,14 @@ EXECUTORS = ("ray", "local")
 _CACHE: dict = {}
 
 
-def start_ray(num_cpus: int | None = None, *, worker_logs: bool = True):
+def start_ray(num_cpus: int | None = None, *, worker_logs: bool = True, object_store_mb: int | None = None):
     """Join ``RAY_ADDRESS`` or start Ray in-process on 127.0.0.1; a no-op when Ray is up.
 
     ``num_cpus`` (local Ray only) defaults to the cores plus one: a pool that fills every
     core still leaves Ray Data a slot for its read tasks. ``worker_logs`` forwards the
     workers' stdout/stderr to this console (training prints its epoch lines from workers).
-    Returns the ``ray`` module.
+    ``object_store_mb`` caps a local Ray's object store (memory benchmarks). Returns the
+    ``ray`` module.
     """
     import ray
     import ray.data
@@ -41,8 +42,9 @@ def start_ray(num_cpus: int | None = None, *, worker_logs: bool = True):
         else:
             # "local" always starts a private instance; a bare ray.init() would attach to
             # any cluster someone started on this machine with `ray start`.
+            store = {"object_store_memory": object_store_mb * 2**20} if object_store_mb else {}
             ray.init(address="local", num_cpus=num_cpus or (os.cpu_count() or 1) + 1,
-                     include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+                     include_dashboard=False, _node_ip_address="127.0.0.1", **store, **common)
     ctx = ray.data.DataContext.get_current()
     # the stages print their own progress lines (counts, rate, ETA); Ray Data's
     # per-operator tables every few seconds would drown them in a log
