@@ -17,7 +17,7 @@ STAGES = [
     "pipelines.query.cli",
     "pipelines.encode.cli",
     "pipelines.evaluate.cli",
-    "pipelines.viewer",
+    "pipelines.view.cli",
     "pipelines.pipeline",
     "infra.stack",
 ]

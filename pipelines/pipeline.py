@@ -129,7 +129,7 @@ def evaluate(cfg: PipelineConfig, where: dict, out) -> dict:
 
 
 def view(cfg: PipelineConfig, where: dict, out) -> dict:
-    from pipelines.viewer import write_viewer
+    from pipelines.view.page import write_viewer
 
     r = write_viewer(where["dataset"], where["results"], where["report"], where["viewer"],
                      max_queries=cfg.view_queries, top_k=cfg.view_top_k)

@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from model.metrics import retrieval_metrics
-from pipelines import viewer
+from pipelines.view import cli as view_cli
+from pipelines.view import page as viewer
 from pipelines.evaluate.report import write_report
 from tests.face_datasets import write_face_dataset
 
@@ -180,7 +181,7 @@ def test_cli_subcommand(dataset, report_dir, tmp_path, capsys):
     root, faces = dataset
     make_results(faces, tmp_path / "r.parquet")
     parser = argparse.ArgumentParser(prog="opqn")
-    viewer.register(parser.add_subparsers(dest="command"))
+    view_cli.register(parser.add_subparsers(dest="command"))
     out = tmp_path / "page.html"
     args = parser.parse_args(["view", str(root), str(tmp_path / "r.parquet"), str(out), "--report-dir",
                               str(report_dir), "--max-queries", "1", "--top-k", "2"])

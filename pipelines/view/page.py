@@ -1,4 +1,4 @@
-"""`opqn view`: one static HTML page to look at query results by eye.
+"""The `opqn view` page: one static HTML page to look at query results by eye.
 
 Metrics say how good retrieval is; this page shows *which* faces came back. Per query (the
 first ``max_queries`` query ids, sorted, so two runs show the same queries) it shows the
@@ -266,25 +266,3 @@ def render(ranked: dict, faces: dict, report: dict | None, sources: dict, top_k:
     parts.append("</body></html>")
     page = "\n".join(parts) + "\n"
     return page, page.count("<img ")
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "view", help="write a static HTML page of query results (faces marked correct/incorrect, metrics, plots)",
-        description="One self-contained index.html (images embedded, no server or network needed) showing, for the "
-                    "first N query ids, the query face and its top-k gallery faces marked by identity, with the "
-                    "metrics and plots of an `opqn evaluate` report.")
-    p.add_argument("dataset", metavar="DATASET", help="face dataset holding the query and gallery faces")
-    p.add_argument("results", metavar="RESULTS", help="query results Parquet written by `opqn query`")
-    p.add_argument("out", metavar="OUT", help="HTML file to write (path or s3:// URL; a folder gets index.html)")
-    p.add_argument("--report-dir", default=None, help="`opqn evaluate` report dir (metrics.json and PNG plots)")
-    p.add_argument("--max-queries", type=int, default=50, help="queries shown: the first N query ids, sorted")
-    p.add_argument("--top-k", type=int, default=10, help="results shown per query")
-    p.set_defaults(func=run_view)
-
-
-def run_view(args) -> int:
-    summary = write_viewer(args.dataset, args.results, args.report_dir, args.out, max_queries=args.max_queries,
-                           top_k=args.top_k)
-    print(json.dumps(summary))
-    return 0
