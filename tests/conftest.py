@@ -78,3 +78,17 @@ def s3_bucket(s3_server):
     fs.mkdir(path)
     return url
 # --- end S3 fixtures (storage) ---------------------------------------------------------
+
+
+# --- Ray fixtures ----------------------------------------------------------------------
+# Starting Ray costs seconds; one two-node cluster serves every test module that needs one.
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray cluster on 127.0.0.1 (head + one extra node, 2 CPUs each); yields
+    its address for RAY_ADDRESS."""
+    from infra.ray_local import start, stop_pid
+
+    proc, address = start(nodes=2, cpus_per_node=2)
+    yield address
+    stop_pid(proc.pid)
+# --- end Ray fixtures ------------------------------------------------------------------

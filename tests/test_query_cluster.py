@@ -4,17 +4,8 @@ import os
 import subprocess
 import sys
 
-import pytest
 
-from infra.ray_local import start, stop_pid
 from test_query import assert_same, brute_force, make_model, random_codes, write_gallery
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    proc, address = start(nodes=2, cpus_per_node=1)
-    yield address
-    stop_pid(proc.pid)
 
 
 def test_query_tasks_spread_over_two_nodes(ray_cluster, lfw_dir, tmp_path):

@@ -9,19 +9,11 @@ import psutil
 import pytest
 
 from face_datasets import write_face_dataset
-from infra.ray_local import start, stop_pid
 from pipelines.formats.checkpoint import load_checkpoint
 from pipelines.train.config import RayTrainConfig
 
 
 TINY = dict(bits=16, codewords=16, dim=64, width=0.125, image_size=32, batch_size=16, threads_per_worker=1)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    proc, address = start(nodes=2, cpus_per_node=2)
-    yield address
-    stop_pid(proc.pid)
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +33,7 @@ def run_train(dataset, model_url, address, *extra, wait=True):
     return proc.returncode, out
 
 
-@pytest.mark.parametrize("cache_mb", ["4096", "0"], ids=["in_memory", "streamed"])
-def test_two_workers_on_two_nodes_stay_in_sync(cache_mb, ray_cluster, face_dataset, tmp_path):
-    """Faces held in each worker's memory (the default) or streamed from Ray Data every epoch."""
-    model_url = tmp_path / "model.pt"
-    code, out = run_train(face_dataset, model_url, ray_cluster, "--epochs", "2", "--cache-mb", cache_mb)
-    assert code == 0, out[-3000:]
-    assert ("keeps its" if cache_mb != "0" else "streams its") in out
+def check_in_sync(out: str, model_url) -> dict:
     state = load_checkpoint(str(model_url))
     assert state["workers"] == 2
     assert len(state["nodes"]) == 2, "each of the two nodes should run one worker"
@@ -55,20 +41,31 @@ def test_two_workers_on_two_nodes_stay_in_sync(cache_mb, ray_cluster, face_datas
     for h in state["history"]:
         assert h["replica_spread"] < 1e-6 * max(1.0, abs(h["loss"])), h  # DDP replicas identical
     assert len(state["classes"]) == 8
+    return state
 
 
-def test_same_seed_gives_the_same_model(ray_cluster, face_dataset, tmp_path):
-    """Each worker's share (a seeded hash of the face id), its order and every random draw are
-    fixed, so a second run of the same command trains the same weights."""
+def test_two_workers_on_two_nodes_stay_in_sync_and_the_same_seed_trains_the_same_model(
+        ray_cluster, face_dataset, tmp_path):
+    """Faces held in each worker's memory (the default). Each worker's share (a seeded hash of
+    the face id), its order and every random draw are fixed, so a second run of the same
+    command trains the same weights."""
     import torch
 
     models = []
     for name in ("a.pt", "b.pt"):
         code, out = run_train(face_dataset, tmp_path / name, ray_cluster, "--epochs", "2")
         assert code == 0, out[-3000:]
-        models.append(load_checkpoint(str(tmp_path / name))["model"])
+        assert "keeps its" in out
+        models.append(check_in_sync(out, tmp_path / name)["model"])
     for key, value in models[0].items():
         torch.testing.assert_close(models[1][key], value, msg=key)
+
+
+def test_two_workers_stay_in_sync_when_faces_stream_from_ray_data(ray_cluster, face_dataset, tmp_path):
+    code, out = run_train(face_dataset, tmp_path / "model.pt", ray_cluster, "--epochs", "2", "--cache-mb", "0")
+    assert code == 0, out[-3000:]
+    assert "streams its" in out
+    check_in_sync(out, tmp_path / "model.pt")
 
 
 def _train_workers():
