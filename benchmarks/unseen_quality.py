@@ -84,7 +84,7 @@ from pipelines.evaluate.evaluation import evaluate_model  # noqa: E402
 from pipelines.evaluate.protocols import check_split, load_split, per_identity_split  # noqa: E402
 from pipelines.formats.checkpoint import (checkpoint_exists, load_checkpoint, model_from_checkpoint,  # noqa: E402
                                           require_opqn, stored_size)
-from pipelines.formats.gallery import FEATURE_ROW_GROUP, code_schema, feature_table  # noqa: E402
+from pipelines.formats.gallery import FEATURE_ROW_GROUP, code_bytes, code_schema, feature_table  # noqa: E402
 from pipelines.formats.faces import FaceSet  # noqa: E402
 from pipelines.photo_folder import list_identity_folder, load_face_set  # noqa: E402
 from pipelines.query.kernels import topk  # noqa: E402
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     model.eval()
     method = method_of(model)
     M, K, D = model.cfg.M, model.cfg.K, model.cfg.D
-    code_bytes = M * (1 if K <= 256 else 2)
+    bytes_per_code = code_bytes(M, K)
 
     # PQ and float mAP exactly as `opqn evaluate` computes them, with the database codes' spread
     ev = evaluate_model(model, queries, database)
@@ -328,16 +328,16 @@ def main(argv=None) -> int:
     print(f"{method.label} {int(round(model.cfg.bits))} bit (M={M}, K={K}, D={D}), {model.cfg.image_size}px width "
           f"{model.cfg.width}: unseen mAP PQ {map_pq:.4f}, float {map_float:.4f}, "
           + ", ".join(f"re-rank@{R} {results[R]['map']:.4f}" for R in Rs)
-          + f", refine@{R_top} {map_refine:.4f} at {code_bytes + args.refine_bytes} B/face; largest code bucket "
+          + f", refine@{R_top} {map_refine:.4f} at {bytes_per_code + args.refine_bytes} B/face; largest code bucket "
           f"{100 * largest_bucket:.1f}%; AT&T P@5 codes {att_p5_pq:.4f} float {att_p5_float:.4f}; "
-          f"features +{2 * D} B/face raw ({fsize / N:.0f} B/face in Parquet) vs codes {code_bytes} "
+          f"features +{2 * D} B/face raw ({fsize / N:.0f} B/face in Parquet) vs codes {bytes_per_code} "
           f"B/face raw ({csize / N:.1f} in Parquet); {time.monotonic() - t_start:.0f} s", flush=True)
     if R_top >= N:
         print(f"(R={R_top} >= the {N} database faces: the re-rank is exact float search over float16 features, "
               f"so map_rerank should be within ~1e-3 of map_float: {map_rerank - map_float:+.4f})", flush=True)
     out = {"bits": int(round(model.cfg.bits)), "map_pq": round(map_pq, 4), "map_float": round(map_float, 4),
            "map_rerank": round(map_rerank, 4), "map_refine": round(map_refine, 4),
-           "refine_bytes": code_bytes + args.refine_bytes, "ratio": round(map_pq / map_float, 4),
+           "refine_bytes": bytes_per_code + args.refine_bytes, "ratio": round(map_pq / map_float, 4),
            "rerank_ratio": round(map_rerank / map_float, 4), "refine_ratio": round(map_refine / map_float, 4),
            "largest_bucket": round(largest_bucket, 4), "att_p5_pq": round(att_p5_pq, 4),
            "att_p5_float": round(att_p5_float, 4), "rerank_R": R_top,

@@ -2,7 +2,7 @@
 
 A model whose assignment head collapses sends most faces to one code (a "sink"): every one of
 them then gets the same score for every query, so codes-only retrieval cannot rank them
-(issue 15: 475 of 476 unseen grey faces shared one code, P@5 0.000). The LUT scores and mAP
+(seen on unseen grey faces: 475 of 476 shared one code, P@5 0.000). The LUT scores and mAP
 show the damage only indirectly; these numbers show it directly, for any (N, M) code array:
 
 - ``largest_bucket``: share of the rows holding the most frequent full code (0..1), with
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# Sink warning thresholds (see ``sink_warning``): the issue's target is that no code holds more
+# Sink warning thresholds (see ``sink_warning``): the target is that no code holds more
 # than 2 % of a gallery of >= 300 faces; on smaller sets 2 % is a handful of faces and chance
 # collisions pass it, so they are flagged only above 10 %.
 SINK_SHARE = 0.02

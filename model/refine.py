@@ -1,6 +1,6 @@
 """Refine codes: a compact second code per face that re-ranks the PQ candidates.
 
-Why: OPQN's few-byte codes lose much of the model's quality on people it never saw (issue 15),
+Why: OPQN's few-byte codes lose much of the model's quality on people it never saw,
 and the exact fix (float16 features, ``--store-features``) costs 2 x D bytes a face. A refine
 code spends a stated budget of ``B`` more bytes a face instead, as faiss's refine indexes do:
 
