@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from pipelines.config_flags import explain_defaults
+
 # Stage modules, in pipeline order. Adding a stage is one line here.
 STAGES = [
     "pipelines.ingest.cli",
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # stage not built yet
             raise
         module.register(sub)
+    explain_defaults(parser)
     return parser
 
 

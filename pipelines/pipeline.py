@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from pipelines.progress import format_seconds
 from pipelines.train.recipe import Recipe
@@ -25,20 +25,31 @@ from storage import urls
 class PipelineConfig(Recipe):
     """The training recipe (the same settings and defaults as `opqn train`) plus the job's own."""
 
-    data: str = ""  # photo tree (identity/photo, local or s3://); "" = <OPQN_DATA>/lfw
-    workdir: str = "runs/pipeline"  # URL that receives dataset/, model.pt, gallery/<model id>/, results.parquet, report/, viewer/
-    min_photos: int = 10  # identities with fewer photos are rejected before detection
-    query_fraction: float = 0.2  # of each identity's photos: queries; the rest is training set and gallery
-    crop_size: int = 64  # stored aligned crop (pixels)
-    workers: int = 2  # Ray Train workers
-    use_gpu: bool = False
-    top_k: int = 100
-    store_features: bool = False  # gallery keeps float16 features (2*D bytes a face) for re-ranking
-    rerank: int = 0  # re-score the PQ top-R by exact cosine (needs store_features); 1000 for unseen identities
-    refine_bytes: int = 0  # gallery keeps a compact refine code of B bytes a face (60: 64 bytes with the codes)
-    refine: int = 0  # re-score the PQ top-R with the refine codes (needs refine_bytes); 1000 for unseen identities
-    view_queries: int = 40
-    view_top_k: int = 10
+    data: str = field(default="", metadata={"help": "photo tree (identity/photo, local or s3://); \"\": "
+                                                     "<OPQN_DATA>/lfw"})
+    workdir: str = field(default="runs/pipeline", metadata={
+        "help": "work folder URL (local or s3://) that receives dataset/, model.pt, gallery/<model id>/, "
+                "results.parquet, report/, viewer/ and summary.json"})
+    min_photos: int = field(default=10, metadata={"help": "identities with fewer distinct photos are rejected "
+                                                           "before detection (`opqn prepare` keeps every identity "
+                                                           "by default: 1)"})
+    query_fraction: float = field(default=0.2, metadata={"help": "fraction of each identity's photos that are "
+                                                                  "queries; the rest is training set and gallery"})
+    crop_size: int = field(default=64, metadata={"help": "stored aligned crop, in pixels (small for CPU training; "
+                                                          "`opqn prepare` stores 112 by default)"})
+    workers: int = field(default=2, metadata={"help": "Ray Train workers (one process each, DDP)"})
+    use_gpu: bool = field(default=False, metadata={"help": "train and encode on GPUs (one per training worker)"})
+    top_k: int = field(default=100, metadata={"help": "results per query"})
+    store_features: bool = field(default=False, metadata={"help": "gallery keeps float16 features (2 x D bytes a "
+                                                                   "face) for --rerank"})
+    rerank: int = field(default=0, metadata={"help": "re-score the PQ top-R by exact cosine (needs "
+                                                      "--store-features); 1000 for unseen identities; 0: off"})
+    refine_bytes: int = field(default=0, metadata={"help": "gallery keeps a compact refine code of B bytes a face "
+                                                            "(60: 64 bytes with the codes); 0: none"})
+    refine: int = field(default=0, metadata={"help": "re-score the PQ top-R with the refine codes (needs "
+                                                      "--refine-bytes); 1000 for unseen identities; 0: off"})
+    view_queries: int = field(default=40, metadata={"help": "queries shown in the viewer"})
+    view_top_k: int = field(default=10, metadata={"help": "results shown per query in the viewer"})
 
     def source(self) -> str:
         if self.data:

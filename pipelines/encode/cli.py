@@ -5,7 +5,7 @@ import json
 import sys
 
 from pipelines.encode.run import EncodeConfig
-from pipelines.config_flags import add_config_arguments, config_from_args
+from pipelines.config_flags import add_config_arguments, add_json_flag, config_from_args
 
 
 def register(subparsers) -> None:
@@ -19,32 +19,30 @@ def register(subparsers) -> None:
                                           "faces and stores in GALLERY/quantizer/), for `opqn query --refine`: codes "
                                           "+ B bytes a face in all. A gallery keeps the settings of its first encode "
                                           "(mixing is refused).")
-    p.add_argument("model_url")
-    p.add_argument("dataset")
-    p.add_argument("gallery")
-    add_config_arguments(p, EncodeConfig, skip=("actors", "threads_per_actor"))
-    p.add_argument("--actors", type=int, default=EncodeConfig.actors,
-                   help="source shards in flight: at most this many encode tasks (one per source shard, each "
-                        "worker holding the model) running or queued at once; 0: two per task slot of the cluster, "
-                        "a slot being --threads-per-actor CPUs (default: 0)")
-    p.add_argument("--threads-per-actor", type=int, default=EncodeConfig.threads_per_actor,
-                   help="CPUs each encode task asks Ray for, and its torch threads (default: 1)")
+    p.add_argument("model_url", metavar="MODEL_URL", help="checkpoint (path, file://, s3://)")
+    p.add_argument("dataset", metavar="DATASET", help="face dataset URL (output of `opqn prepare`)")
+    p.add_argument("gallery", metavar="GALLERY", help="gallery URL (created on first encode)")
+    add_config_arguments(p, EncodeConfig)
+    add_json_flag(p)
     p.set_defaults(func=run_encode)
 
     g = subparsers.add_parser("gallery", help="inspect and maintain a gallery: info, delete, compact")
     sub = g.add_subparsers(dest="gallery_command", required=True)
     d = sub.add_parser("delete", help="tombstone faces (queries skip them at once)")
-    d.add_argument("gallery")
-    d.add_argument("--face-ids", nargs="*", default=[], help="face ids to delete")
-    d.add_argument("--from-file", help="file with one face id per line")
+    d.add_argument("gallery", metavar="GALLERY", help="gallery URL")
+    d.add_argument("--face-ids", nargs="*", default=[], help="face ids to delete (default: none)")
+    d.add_argument("--from-file", help="file with one face id per line (default: none)")
+    add_json_flag(d)
     d.set_defaults(func=run_delete)
     c = sub.add_parser("compact", help="rewrite shards without deleted faces")
-    c.add_argument("gallery")
+    c.add_argument("gallery", metavar="GALLERY", help="gallery URL")
+    add_json_flag(c)
     c.set_defaults(func=run_compact)
     i = sub.add_parser("info", help="size, shards, model id, deleted count, stored float features, refine codes and "
                                     "their bytes, and the spread of the live codes (largest code bucket, distinct "
                                     "codes, codewords used, entropy) with a warning for a sink code")
-    i.add_argument("gallery")
+    i.add_argument("gallery", metavar="GALLERY", help="gallery URL")
+    add_json_flag(i)
     i.set_defaults(func=run_info)
 
 
@@ -52,7 +50,8 @@ def run_encode(args) -> int:
     from pipelines.encode.run import encode_gallery
 
     summary = encode_gallery(args.model_url, args.dataset, args.gallery, config_from_args(EncodeConfig, args))
-    print(json.dumps(summary))
+    if args.json:  # the human summary is the driver's "encode done" line on stderr
+        print(json.dumps(summary))
     return 0
 
 
@@ -68,20 +67,27 @@ def run_delete(args) -> int:
     result = delete_faces(args.gallery, ids)
     if result["unknown"]:
         print(f"warning: {len(result['unknown'])} face id(s) not in {args.gallery}: {result['unknown'][:5]}", file=sys.stderr)
-    print(json.dumps(result))
+    print(json.dumps(result) if args.json else
+          f"{result['deleted']} face(s) deleted from {args.gallery} ({result['already_deleted']} already deleted)")
     return 0
 
 
 def run_compact(args) -> int:
     from pipelines.formats.gallery_writer import compact
 
-    print(json.dumps(compact(args.gallery)))
+    result = compact(args.gallery)
+    print(json.dumps(result) if args.json else
+          f"{args.gallery}: {result['rewritten']} shard(s) rewritten, {result['removed_faces']} deleted face(s) removed")
     return 0
 
 
 def run_info(args) -> int:
     from pipelines.encode.gallery_info import info
 
-    for key, value in info(args.gallery).items():
+    summary = info(args.gallery)
+    if args.json:
+        print(json.dumps(summary, default=str))
+        return 0
+    for key, value in summary.items():
         print(value if key == "warning" else f"{key}: {value}")  # the warning names itself
     return 0

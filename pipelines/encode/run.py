@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipelines.encode.encoder import EncodeJob, encode_source, model_state
 from pipelines.encode.refine import prepare_refine
@@ -32,28 +32,34 @@ from pipelines.progress import Progress, format_seconds
 
 @dataclass
 class EncodeConfig:
-    splits: tuple = ()  # face splits to encode; empty = every face
-    batch_size: int = 256
-    shard_rows: int = 1_000_000  # most rows per code shard
-    # source shards in flight at once (encode tasks running or queued, each holding one shard
-    # and its worker the model); 0: two per task slot of the cluster (CPUs / threads_per_actor)
-    actors: int = 0
-    threads_per_actor: int = 1  # CPUs each encode task asks Ray for, and its torch threads
-    use_gpu: bool = False
-    max_sources: int = 0  # encode at most this many new source shards in this run (0: all)
-    # also store each face's l2-normalised float feature (float16, 2*D bytes a face) in
-    # <gallery>/features/ for `opqn query --rerank`; fixed for a gallery by its first encode
-    store_features: bool = False
-    # also store a refine code of B bytes per face (a product quantizer of the normalised float
-    # feature, model.refine) in <gallery>/refine/ for `opqn query --refine`; 0: none. Fixed
-    # for a gallery by its first encode, which trains the quantizer on its first faces
-    refine_bytes: int = 0
-    refine_dim: int = 0  # dimension the feature is projected to before the refine PQ (0: min(4 B, D))
-    refine_sample: int = 50_000  # faces the refine quantizer is trained on (the first ones encoded)
-    # finished source shards are committed together at most this often (seconds); 0 commits
-    # each as soon as it is complete. Longer: fewer manifest rewrites, more redone after a crash
-    commit_seconds: float = 10.0
-    executor: str = "ray"  # "ray" (in-process, or the cluster of RAY_ADDRESS) or "local" (no Ray)
+    splits: tuple = field(default=(), metadata={"help": "face splits to encode (e.g. database); empty: every face"})
+    batch_size: int = field(default=256, metadata={"help": "faces per forward pass"})
+    shard_rows: int = field(default=1_000_000, metadata={"help": "most rows per code shard"})
+    actors: int = field(default=0, metadata={
+        "help": "source shards in flight: at most this many encode tasks (one per source shard, each worker "
+                "holding the model) running or queued at once; 0: two per task slot of the cluster, a slot "
+                "being --threads-per-actor CPUs"})
+    threads_per_actor: int = field(default=1, metadata={"help": "CPUs each encode task asks Ray for, and its "
+                                                                 "torch threads"})
+    use_gpu: bool = field(default=False, metadata={"help": "encode on a GPU (one per encode task)"})
+    max_sources: int = field(default=0, metadata={"help": "encode at most this many new source shards in this "
+                                                           "run (0: all)"})
+    store_features: bool = field(default=False, metadata={
+        "help": "also store each face's l2-normalised float feature (float16, 2 x D bytes a face) in "
+                "GALLERY/features/ for `opqn query --rerank`; fixed for a gallery by its first encode"})
+    refine_bytes: int = field(default=0, metadata={
+        "help": "also store a refine code of B bytes a face (a product quantizer of the normalised float "
+                "feature) in GALLERY/refine/ for `opqn query --refine`; 0: none; fixed for a gallery by its "
+                "first encode, which trains the quantizer on its first faces"})
+    refine_dim: int = field(default=0, metadata={"help": "dimension the feature is projected to before the "
+                                                          "refine PQ (0: min(4 B, D))"})
+    refine_sample: int = field(default=50_000, metadata={"help": "faces the refine quantizer is trained on "
+                                                                  "(the first ones encoded)"})
+    commit_seconds: float = field(default=10.0, metadata={
+        "help": "finished source shards are committed together at most this often (seconds); 0 commits each "
+                "as soon as it is complete; longer: fewer manifest rewrites, more redone after a crash"})
+    executor: str = field(default="ray", metadata={"help": "ray (in-process, or the cluster of RAY_ADDRESS) or "
+                                                            "local (no Ray)", "choices": EXECUTORS})
 
     def __post_init__(self):
         if self.executor not in EXECUTORS:

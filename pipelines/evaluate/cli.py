@@ -38,12 +38,12 @@ def register(subparsers) -> None:
                    help="single: query split of the trained identities; cross: unseen identities split into "
                         "queries and database (default: single)")
     p.add_argument("--method", choices=sorted(METHODS), default=None,
-                   help="expected method of the checkpoint (error if it holds another)")
+                   help="expected method of the checkpoint, an error if it holds another (default: any)")
     p.add_argument("--crop-fraction", type=float, default=None, help="folder photos: centre crop (default: the training run's; 1.0 for tight crops such as AT&T)")
     p.add_argument("--min-photos", type=int, default=None, help="folder: identities with at least this many photos (default: training's for single, 2 for cross)")
-    p.add_argument("--max-photos", type=int, default=None, help="folder: identities with at most this many photos")
+    p.add_argument("--max-photos", type=int, default=None, help="folder: identities with at most this many photos (default: no limit)")
     p.add_argument("--query-fraction", type=float, default=None, help="single: fraction of each identity's photos as queries (default: training's); cross: used with --queries-per-identity 0")
-    p.add_argument("--queries-per-identity", type=int, default=1, help="cross: queries per identity (0: use --query-fraction)")
+    p.add_argument("--queries-per-identity", type=int, default=1, help="cross: queries per identity (0: use --query-fraction) (default: 1)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default: training's)")
     p.add_argument("--ts", type=_ts, default=DEFAULT_TS, help="T values for P@T, comma-separated")
     p.add_argument("--allow-seen", action="store_true", help="cross: allow identities the model was trained on")

@@ -29,28 +29,51 @@ class IngestConfig:
     (every shard in this process, no Ray: debugging and small jobs).
     """
 
-    size: int = 112
-    image_format: str = "png"
-    jpeg_quality: int = 95
-    select: str = "largest"
-    keep_all: bool = False
-    min_score: float = 0.9
-    min_face_size: int = 20
-    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
-    detect_max_side: int = 1280
-    max_pixels: int = 120_000_000
-    max_bytes: int = 64 * 1024 * 1024
-    protocol: str = "single"
-    query_fraction: float = 0.2
-    unseen_fraction: float = 0.2
-    min_photos: int = 1
-    seed: int = 0
-    shard_size: int = 500
-    batch_size: int = 16
-    num_workers: int | None = None
-    torch_threads: int = 1
-    executor: str = "ray"
-    storage_options: dict = field(default_factory=dict, compare=False)
+    size: int = field(default=112, metadata={"help": "stored aligned crop, in pixels (112 for real models; 32 or "
+                                                      "64 for CPU work)", "flags": ("--crop-size", "--size")})
+    image_format: str = field(default="png", metadata={"help": "crop encoding", "choices": FORMATS,
+                                                        "flags": ("--format",)})
+    jpeg_quality: int = field(default=95, metadata={"help": "JPEG quality of the stored crops (--format jpeg)"})
+    select: str = field(default="largest", metadata={"help": "which face of a photo to keep: the largest box, the "
+                                                              "most central big box, or the best score",
+                                                      "choices": SELECTIONS})
+    keep_all: bool = field(default=False, metadata={"help": "keep every face of a photo (galleries of group "
+                                                             "photos)"})
+    min_score: float = field(default=0.9, metadata={"help": "ignore detections below this score"})
+    min_face_size: int = field(default=20, metadata={"help": "smallest face the detector looks for, in detector "
+                                                              "pixels"})
+    thresholds: tuple[float, float, float] = field(default=(0.6, 0.7, 0.7), metadata={
+        "help": "MTCNN's three stage thresholds (P-, R-, O-net)"})
+    detect_max_side: int = field(default=1280, metadata={"help": "photos are shrunk to this longest side for "
+                                                                  "detection"})
+    max_pixels: int = field(default=120_000_000, metadata={"help": "photos with more pixels are rejected "
+                                                                    "unread"})
+    max_bytes: int = field(default=64 * 1024 * 1024, metadata={"help": "photo files larger than this (bytes) are "
+                                                                        "rejected unread"})
+    protocol: str = field(default="single", metadata={
+        "help": "single: each identity's photos split into query and database; cross: whole identities held out "
+                "as unseen", "choices": PROTOCOLS})
+    query_fraction: float = field(default=0.2, metadata={"help": "single: fraction of each identity's photos "
+                                                                  "that are queries"})
+    unseen_fraction: float = field(default=0.2, metadata={"help": "cross: fraction of identities held out as "
+                                                                   "unseen"})
+    min_photos: int = field(default=1, metadata={"help": "identities with fewer distinct photos are rejected "
+                                                          "before detection"})
+    seed: int = field(default=0, metadata={"help": "random seed of the splits"})
+    shard_size: int = field(default=500, metadata={"help": "photos per output shard (the unit of resume)"})
+    batch_size: int = field(default=16, metadata={"help": "photos per detector call"})
+    num_workers: int | None = field(default=None, metadata={"help": "shards processed at once (default: one per "
+                                                                     "CPU)", "type": int,
+                                                             "flags": ("--shard-workers",)})
+    torch_threads: int = field(default=1, metadata={"help": "torch threads of each shard task's detector"})
+    executor: str = field(default="ray", metadata={"help": "ray (in-process, or the cluster of RAY_ADDRESS) or "
+                                                            "local (every shard in this process, no Ray)",
+                                                    "choices": EXECUTORS})
+    lease_seconds: float = field(default=120.0, metadata={
+        "help": "the run holds the dataset's writer lease (one writer per dataset), renewed every third of this; "
+                "a killed run's lease is taken over after this many seconds (at once on the same host)"})
+    storage_options: dict = field(default_factory=dict, compare=False,
+                                  metadata={"help": "object-store options (Python API only)"})
 
     def __post_init__(self):
         problems = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 
-from pipelines.config_flags import add_config_arguments, config_from_args
+from pipelines.config_flags import add_config_arguments, add_json_flag, config_from_args
 from pipelines.query.run import QueryConfig
 
 
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
                    help="face-shard dataset URL (rows of --split) or a local identity/photo folder of face crops")
     p.add_argument("results", metavar="RESULTS", help="output Parquet file URL")
     add_config_arguments(p, QueryConfig)
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    add_json_flag(p)
     p.set_defaults(func=run_cli)
 
 

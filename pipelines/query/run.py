@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,24 +57,39 @@ RESULT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int32()), ("fa
 
 @dataclass
 class QueryConfig:
-    top_k: int = 100
-    split: str = "query"  # face-shard queries: rows of this split ("" for every row)
-    crop_fraction: float = 1.0  # image-folder queries: centre crop of each photo (1.0 for face crops)
-    kernel: str = "auto"  # auto, torch, faiss, fastscan, numpy (see pipelines.query.kernels)
-    rows_per_task: int = 4_000_000  # codes per Ray task (consecutive shards, at least one)
-    shards_per_task: int = 0  # at most this many shards per task (0: no limit)
-    max_in_flight: int = 0  # Ray tasks running or queued at once (0: 2 per CPU of the cluster)
-    threads_per_task: int = 1  # CPUs each task asks Ray for, and its torch/faiss threads
-    gpus_per_task: float = 0.0  # GPUs each task asks Ray for (the torch kernel then runs on it)
-    batch_size: int = 256  # query images per forward pass
-    executor: str = "ray"  # "ray" (in-process, or the cluster of RAY_ADDRESS) or "local" (no Ray)
-    progress_interval: float = 5.0  # seconds between progress lines
-    # exact re-rank: keep the PQ top-R (R >= top_k), re-score them by the cosine of the float
-    # features (gallery encoded with --store-features), return the top-k of those; 0: off
-    rerank: int = 0
-    # compact re-rank: the same with the gallery's refine codes (encoded with --refine-bytes B)
-    # in place of the float features; an alternative to rerank (not both); 0: off
-    refine: int = 0
+    top_k: int = field(default=100, metadata={"help": "results per query"})
+    split: str = field(default="query", metadata={"help": "face-shard queries: rows of this split (\"\": every "
+                                                           "row)"})
+    crop_fraction: float = field(default=1.0, metadata={"help": "photo-folder queries: centre square of each "
+                                                                 "photo used (1.0 for face crops)"})
+    kernel: str = field(default="auto", metadata={"help": "scoring kernel: auto, torch, faiss, fastscan, numpy "
+                                                           "(see pipelines.query.kernels)"})
+    rows_per_task: int = field(default=4_000_000, metadata={"help": "codes per scan task (consecutive shards, "
+                                                                     "at least one)"})
+    shards_per_task: int = field(default=0, metadata={"help": "at most this many shards per scan task (0: no "
+                                                               "limit)"})
+    max_in_flight: int = field(default=0, metadata={"help": "scan tasks running or queued at once (0: 2 per CPU "
+                                                             "of the cluster)"})
+    threads_per_task: int = field(default=1, metadata={"help": "CPUs each scan task asks Ray for, and its "
+                                                                "torch/faiss threads"})
+    gpus_per_task: float = field(default=0.0, metadata={"help": "GPUs each scan task asks Ray for (the torch "
+                                                                 "kernel then runs on it)"})
+    batch_size: int = field(default=256, metadata={"help": "query images per forward pass"})
+    executor: str = field(default="ray", metadata={"help": "ray (in-process, or the cluster of RAY_ADDRESS) or "
+                                                            "local (no Ray)", "choices": EXECUTORS})
+    progress_interval: float = field(default=5.0, metadata={"help": "seconds between progress lines"})
+    rerank: int = field(default=0, metadata={
+        "help": "exact re-rank: keep the PQ top-R (R >= --top-k), re-score them by the cosine of the float "
+                "features (a gallery encoded with --store-features), return the top-k of those; 0: off"})
+    refine: int = field(default=0, metadata={
+        "help": "compact re-rank: the same with the gallery's refine codes (encoded with --refine-bytes B) in "
+                "place of the float features; an alternative to --rerank; 0: off"})
+    query_block: int = field(default=0, metadata={
+        "help": "queries read, embedded and scored at once (0: as many as --memory-mb holds); a results "
+                "dataset commits one file per block, the point a killed job resumes from"})
+    memory_mb: int = field(default=1024, metadata={
+        "help": "memory budget of one query block in the driver (decoded crops, query tables, top-k tables), "
+                "which sets the block size when --query-block is 0; independent of the number of queries"})
 
     def __post_init__(self):
         if self.top_k < 1:

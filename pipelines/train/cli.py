@@ -8,7 +8,7 @@ import logging
 import time
 
 from model.registry import METHODS
-from pipelines.config_flags import add_config_arguments, config_from_args
+from pipelines.config_flags import add_config_arguments, add_json_flag, config_from_args
 from pipelines.progress import format_seconds
 from pipelines.train import local
 from pipelines.train.config import RayTrainConfig
@@ -18,24 +18,26 @@ from pipelines.train.local import TrainConfig
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train OPQN with Ray Train DDP on a face dataset (RAY_ADDRESS for a cluster)",
                               description="`opqn train DATASET MODEL_URL`: distributed training on Ray (in-process, or RAY_ADDRESS).")
-    p.add_argument("dataset", help="face dataset URL (output of `opqn prepare`)")
-    p.add_argument("model_url", help="checkpoint URL (path, file:// or s3://), reachable by every worker")
+    p.add_argument("dataset", metavar="DATASET", help="face dataset URL (output of `opqn prepare`)")
+    p.add_argument("model_url", metavar="MODEL_URL", help="checkpoint URL (path, file:// or s3://), reachable by every worker")
     add_config_arguments(p, RayTrainConfig, skip=("dataset", "model_url", "run_id"))
-    p.add_argument("--json", action="store_true", help="print the final epoch record as JSON")
+    add_json_flag(p)
     p.set_defaults(func=run_train)
 
     p = subparsers.add_parser("train-local", help="train OPQN in one process on an identity-folder image set and print retrieval metrics",
                               description=local.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, TrainConfig)
-    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    add_json_flag(p)
     p.set_defaults(func=run_train_local)
 
     t = subparsers.add_parser(
         "train-method", help="train OPQN, an ablation (l2q, A, C, S, W), DPQ or DCDH on an identity folder",
         description="The single-process trainer's data split, augmentation, optimizer and schedule for every "
                     "method; the checkpoint is readable by `opqn evaluate`.")
-    t.add_argument("--method", choices=sorted(METHODS), default="opqn")
+    t.add_argument("--method", choices=sorted(METHODS), default="opqn",
+                   help="method to train: OPQN, an ablation of it, or a baseline")
     add_config_arguments(t, TrainConfig, skip=("resume", "variant"))
+    add_json_flag(t)
     t.set_defaults(func=run_train_method)
 
 
@@ -71,6 +73,9 @@ def run_train_method(args) -> int:
     cfg = config_from_args(TrainConfig, args)
     train_set, _ = local.prepare_sets(cfg)
     _, info = local.train_method(args.method, cfg, train_set)
+    if args.json:
+        print(json.dumps({"method": args.method, "model_url": cfg.model_url,
+                          **{k: v for k, v in info.items() if k != "history"}}, default=str))
     print(f"trained {args.method} in {format_seconds(info['train_seconds'])}: {info['train_faces']} faces, "
           f"{info['identities']} identities, checkpoint {cfg.model_url}")
     return 0

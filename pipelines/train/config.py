@@ -1,27 +1,36 @@
 """Configuration of a distributed training run: the shared recipe plus data and cluster settings."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipelines.train.recipe import Recipe
 
 
 @dataclass
 class RayTrainConfig(Recipe):
-    dataset: str = ""  # face dataset URL (ingest output: <dataset>/faces/part-*.parquet)
-    model_url: str = ""  # checkpoint URL; every worker must reach it (shared disk or s3://)
-    train_splits: tuple = ("database", "train")  # split values used for training
-    crop_fraction: float = 1.0  # face shards hold aligned crops: use all of it
-    workers: int = 2
-    use_gpu: bool = False
-    threads_per_worker: int = 0  # torch threads in each worker; 0 = the worker's CPUs (cpus_per_worker)
-    cpus_per_worker: float = 1.0
-    max_failures: int = 3  # worker-group restarts before the run fails (-1: unlimited)
-    shuffle_buffer: int = 2048  # rows in each worker's local shuffle buffer
-    cache_mb: int = 4096  # decoded faces each worker keeps in memory across epochs; a larger share streams from Ray Data
-    resume: bool = True  # continue from the checkpoint at model_url if one exists
-    storage_path: str = ""  # Ray Train run storage (shared by all nodes); "" = beside a local model_url
-    run_id: str = ""  # set by the driver; lets retries resume even with resume=False
+    dataset: str = field(default="", metadata={"help": "face dataset URL (ingest output: "
+                                                        "<dataset>/faces/part-*.parquet)"})
+    model_url: str = field(default="", metadata={"help": "checkpoint URL; every worker must reach it "
+                                                          "(shared disk or s3://)"})
+    train_splits: tuple = field(default=("database", "train"), metadata={"help": "face splits trained on"})
+    crop_fraction: float = field(default=1.0, metadata={"help": "centre square of each stored face used "
+                                                                 "(face shards hold aligned crops: 1.0)"})
+    workers: int = field(default=2, metadata={"help": "Ray Train workers (one process each, DDP)"})
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU per training worker (nccl)"})
+    threads_per_worker: int = field(default=0, metadata={"help": "torch threads in each worker; 0: the "
+                                                                  "worker's CPUs (--cpus-per-worker)"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs each training worker asks Ray for"})
+    max_failures: int = field(default=3, metadata={"help": "worker-group restarts before the run fails "
+                                                            "(-1: unlimited)"})
+    shuffle_buffer: int = field(default=2048, metadata={"help": "rows in each worker's local shuffle buffer"})
+    cache_mb: int = field(default=4096, metadata={"help": "decoded faces each worker keeps in memory across "
+                                                           "epochs (MB); a larger share streams from Ray Data"})
+    resume: bool = field(default=True, metadata={"help": "continue from the checkpoint at the model URL if "
+                                                          "one exists"})
+    storage_path: str = field(default="", metadata={"help": "Ray Train run storage shared by all nodes; "
+                                                             "\"\": beside a local model URL"})
+    run_id: str = field(default="", metadata={"help": "set by the driver; lets retries resume even with "
+                                                       "--no-resume"})
 
     def worker_threads(self) -> int:
         return self.threads_per_worker or max(1, int(self.cpus_per_worker))

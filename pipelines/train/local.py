@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -32,16 +32,22 @@ LOGGED_PARTS = ("clf_x", "clf_s", "entropy")  # loss parts on a progress line, b
 
 @dataclass
 class TrainConfig(Recipe):
-    data: str = ""  # identity-folder image directory; "" means <data root>/lfw
-    model_url: str = "runs/opqn-local/model.pt"
-    # photo folders: centre square of each photo that holds the face (LFW deep-funneled faces
-    # fill the centre ~0.44-0.5; 1.0 for tight crops). Face datasets hold aligned crops, used whole.
-    crop_fraction: float = 0.44
-    min_photos: int = 10
-    query_fraction: float = 0.2
-    threads: int = 0  # torch threads; 0 leaves torch's default
-    resume: bool = True
-    max_steps: int = 0  # stop after this many optimizer steps (0: no limit); for smoke tests
+    data: str = field(default="", metadata={"help": "identity-folder photo directory or face dataset; "
+                                                     "\"\": <OPQN_DATA>/lfw"})
+    model_url: str = field(default="runs/opqn-local/model.pt", metadata={"help": "checkpoint URL (path, file://, "
+                                                                                  "s3://)"})
+    crop_fraction: float = field(default=0.44, metadata={
+        "help": "photo folders: centre square of each photo that holds the face (LFW deep-funneled faces fill "
+                "the centre ~0.44-0.5; 1.0 for tight crops); face datasets hold aligned crops, used whole"})
+    min_photos: int = field(default=10, metadata={"help": "photo folders: identities with fewer photos are "
+                                                           "left out"})
+    query_fraction: float = field(default=0.2, metadata={"help": "photo folders: fraction of each identity's "
+                                                                  "photos held out as queries"})
+    threads: int = field(default=0, metadata={"help": "torch threads; 0 leaves torch's default"})
+    resume: bool = field(default=True, metadata={"help": "continue from the checkpoint at --model-url if one "
+                                                          "exists"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: no limit; "
+                                                         "for smoke tests)"})
 
 
 def prepare_sets(cfg: TrainConfig) -> tuple[FaceSet, FaceSet]:

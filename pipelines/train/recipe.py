@@ -6,7 +6,7 @@ configurations.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -19,26 +19,35 @@ from pipelines.formats.checkpoint import DEFAULT_ENLARGE, stored_image_size
 
 @dataclass
 class Recipe:
-    bits: int = 32
-    codewords: int = 256  # K
-    dim: int = 0  # D; 0 means M * K
-    variant: str = "opqn"
-    image_size: int = 32
-    width: float = 0.5
-    epochs: int = 20
-    batch_size: int = 128  # global batch (split across workers by the Ray trainer); the paper's is 256
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"  # lr schedule: "onecycle" (warm-up, cosine anneal) or "step" (the paper's halvings)
-    lr_step: int = 0  # epochs between lr halvings; 0 scales the paper's 35-of-200 to `epochs`
-    r: float = 40.0
-    u: float = 0.4
-    lam: float = 0.1
-    balance: float = 0.1  # weight of the batch-level codeword-usage term (0: the paper's loss)
-    enlarge: float = DEFAULT_ENLARGE  # augmentation: stored at 1.1x, random crop back to image_size
-    augment: str = "crop,flip,light,grey,blur"  # comma-separated; the paper's: crop,flip
-    seed: int = 0
+    bits: int = field(default=32, metadata={"help": "code length in bits: M * log2(K) (M codebooks of K codewords)"})
+    codewords: int = field(default=256, metadata={"help": "K: codewords per codebook"})
+    dim: int = field(default=0, metadata={"help": "D: feature dimension; 0 means M * K"})
+    variant: str = field(default="opqn", metadata={"help": "network/loss variant: opqn or an ablation "
+                                                            "(l2q, A, C, S, W; see model.opqn.config_for_variant)"})
+    image_size: int = field(default=32, metadata={"help": "network input size in pixels (faces are resized to it)"})
+    width: float = field(default=0.5, metadata={"help": "backbone width multiplier (1.0: the paper's ResNet)"})
+    epochs: int = field(default=20, metadata={"help": "training epochs (a resumed run trains up to this many)"})
+    batch_size: int = field(default=128, metadata={"help": "global batch (split across workers by the Ray "
+                                                            "trainer); the paper's is 256"})
+    lr: float = field(default=0.1, metadata={"help": "peak SGD learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
+    schedule: str = field(default="onecycle", metadata={
+        "help": "lr schedule: onecycle (warm-up, cosine anneal) or step (the paper's halvings)",
+        "choices": ("onecycle", "step")})
+    lr_step: int = field(default=0, metadata={"help": "step schedule: epochs between lr halvings; 0 scales the "
+                                                       "paper's 35-of-200 to --epochs"})
+    r: float = field(default=40.0, metadata={"help": "loss: CosFace scale s (the paper's 40)"})
+    u: float = field(default=0.4, metadata={"help": "loss: CosFace margin m (the paper's 0.4)"})
+    lam: float = field(default=0.1, metadata={"help": "loss: weight lambda of the entropy term"})
+    balance: float = field(default=0.1, metadata={"help": "weight of the batch-level codeword-usage term "
+                                                           "(0: the paper's loss)"})
+    enlarge: float = field(default=DEFAULT_ENLARGE, metadata={"help": "augmentation: faces stored at this "
+                                                                       "multiple of --image-size, randomly "
+                                                                       "cropped back to it"})
+    augment: str = field(default="crop,flip,light,grey,blur", metadata={
+        "help": "augmentations, comma-separated, from crop, flip, light, grey, blur; the paper's: crop,flip"})
+    seed: int = field(default=0, metadata={"help": "random seed (data split, initialisation, batch order)"})
 
     def opqn_config(self, num_classes: int) -> OPQNConfig:
         M = shape_for_bits(self.bits, self.codewords)

@@ -15,7 +15,8 @@ def register(subparsers) -> None:
     p.add_argument("dataset", metavar="DATASET", help="face dataset holding the query and gallery faces")
     p.add_argument("results", metavar="RESULTS", help="query results Parquet written by `opqn query`")
     p.add_argument("out", metavar="OUT", help="HTML file to write (path or s3:// URL; a folder gets index.html)")
-    p.add_argument("--report-dir", default=None, help="`opqn evaluate` report dir (metrics.json and PNG plots)")
+    p.add_argument("--report-dir", default=None, help="`opqn evaluate` report dir (metrics.json and PNG plots) (default: none, "
+                   "the page shows no metrics)")
     p.add_argument("--max-queries", type=int, default=50, help="queries shown: the first N query ids, sorted")
     p.add_argument("--top-k", type=int, default=10, help="results shown per query")
     p.set_defaults(func=run_view)
