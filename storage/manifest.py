@@ -45,7 +45,7 @@ from .errors import (
     CommitConflictError, IntegrityError, ManifestError,
     StorageNotFoundError, UnsafePathError, errors_naming,
 )
-from .manifest_swap import LOCK_NAME, MANIFEST_NAME, manifest_url, store_for
+from .manifest_swap import MANIFEST_NAME, manifest_url, store_for
 from .tables import DEFAULT_BATCH_SIZE, TableLike, iter_batches, write_table
 
 log = logging.getLogger(__name__)
@@ -308,7 +308,7 @@ def orphans(root: str, storage_options: dict | None = None) -> list[str]:
     out = []
     for name in found:
         rel = name[len(prefix):] if name.startswith(prefix) else name
-        if rel in (MANIFEST_NAME, LOCK_NAME) or rel in listed:
+        if rel.startswith(".") or rel == MANIFEST_NAME or rel in listed:  # lock, lease: not data
             continue
         out.append(rel)
     return sorted(out)

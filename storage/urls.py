@@ -112,6 +112,13 @@ def resolve(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abstr
     return fs, fs._strip_protocol(url)
 
 
+def absolute(url: str) -> str:
+    """``url`` with a local path made absolute (remote URLs unchanged): what to hand to tasks on
+    other processes or nodes, whose working directory is not this one's."""
+    url = os.fspath(url)
+    return resolve(url)[1] if is_local(url) else url
+
+
 def local_path(url: str) -> str:
     """Absolute local path for a local URL (raises ``ValueError`` for remote URLs)."""
     if not is_local(url):

@@ -311,6 +311,7 @@ def face_row(face_id: str, split: str, size: int = 24) -> dict:
 
 def test_face_format_lists_what_is_committed_and_deletes_the_rest(tmp_path):
     from pipelines.formats import faces as face_format
+    from storage import lease
     from storage import manifest as mf
 
     dataset = str(tmp_path / "ds")
@@ -326,7 +327,10 @@ def test_face_format_lists_what_is_committed_and_deletes_the_rest(tmp_path):
     assert face_format.recorded_settings(mf.read_manifest(dataset)) == {"size": 24}
     [(url, key, fingerprint)] = face_format.face_shards(dataset)
     assert key.startswith("faces/") and fingerprint == next(e.sha256 for e in entries if e.path == key)
-    assert sorted(p.split("/")[0] for p in face_format.delete_uncommitted(dataset)) == ["faces", "sources"]
+    with pytest.raises(RuntimeError, match="writer lease"):  # sweeping needs the dataset's lease
+        face_format.delete_uncommitted(dataset)
+    with lease.held(dataset, "test"):
+        assert sorted(p.split("/")[0] for p in face_format.delete_uncommitted(dataset)) == ["faces", "sources"]
     assert mf.orphans(dataset) == []
     faces = face_format.load_face_dataset(dataset, ("query",), stored_size=16)
     assert faces.paths == ["a-0"] and tuple(faces.images.shape) == (1, 3, 16, 16)

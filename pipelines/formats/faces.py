@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from storage import files, urls
+from storage import files, lease, urls
 from storage import manifest as mf
 from storage import tables
 
@@ -252,18 +252,93 @@ def write_shard(dataset: str, faces: list[dict], rejects: list[dict], sources: l
     return entries
 
 
+class _AlreadyListed(Exception):
+    """Raised inside a commit: some of the shard's photos were listed by another writer meanwhile."""
+
+    def __init__(self, sources: set[str]):
+        super().__init__(f"{len(sources)} photo(s) already listed")
+        self.sources = sources
+
+
+# (dataset, sources file path) -> (photo URLs, content hashes of photos with faces) it records; listed
+# files never change, so a run reads each one once however often its commits are re-applied
+_LISTED_SOURCES: dict[tuple[str, str], tuple[frozenset, frozenset]] = {}
+
+
+def _listed_sources(dataset: str, manifest: mf.Manifest, storage_options: dict | None) -> tuple[set, set]:
+    """Photo URLs and face-bearing content hashes recorded by the sources files ``manifest`` lists."""
+    urls_seen, hashes = set(), set()
+    for entry in manifest.files:
+        if not entry.path.startswith(SOURCES_DIR + "/"):
+            continue
+        key = (dataset, entry.path)
+        if key not in _LISTED_SOURCES:
+            t = tables.read_table(mf.file_url(dataset, entry), ["source", "content_hash", "faces"], storage_options)
+            faces = t.column("faces").to_pylist()
+            _LISTED_SOURCES[key] = (frozenset(t.column("source").to_pylist()),
+                                    frozenset(h for h, n in zip(t.column("content_hash").to_pylist(), faces) if h and n))
+        u, h = _LISTED_SOURCES[key]
+        urls_seen |= u
+        hashes |= h
+    return urls_seen, hashes
+
+
+def _without_sources(dataset: str, entries: list[mf.FileEntry], dropped: set[str],
+                     storage_options: dict | None) -> list[mf.FileEntry]:
+    """Rewrite a written shard's files without the rows of the ``dropped`` photos (unlisted files)."""
+    rows = {}
+    for folder in SCHEMAS:
+        parts = [tables.read_table(mf.file_url(dataset, e), None, storage_options)
+                 for e in entries if e.path.startswith(folder + "/")]
+        kept = [r for t in parts for r in t.to_pylist() if r["source"] not in dropped]
+        rows[folder] = kept
+    for e in entries:
+        files.delete(mf.file_url(dataset, e), storage_options)  # never listed: nobody reads them
+    if not rows[SOURCES_DIR]:
+        return []
+    return write_shard(dataset, rows[FACES_DIR], rows[REJECTS_DIR], rows[SOURCES_DIR], storage_options)
+
+
 def commit_shard(dataset: str, entries: list[mf.FileEntry], settings: dict,
-                 storage_options: dict | None = None) -> mf.Manifest:
-    """List one shard's files in the manifest (all in one commit), recording the settings."""
+                 storage_options: dict | None = None) -> mf.Manifest | None:
+    """List one shard's files in the manifest (all in one commit), recording the settings.
+
+    Idempotent per photo: the commit re-checks, on the manifest it lands on, which photos are
+    already recorded (by URL, or by the content of a photo that gave faces: the same face ids)
+    and never lists them twice. A shard whose photos another writer committed meanwhile is
+    rewritten without them (outside the compare-and-swap) and committed again; one left empty
+    commits nothing and returns ``None``."""
     metadata = {"ingest": {"format": KIND, "version": VERSION, "config": settings}}
-    return mf.commit(dataset, mf.Delta(add=tuple(entries), metadata=metadata), storage_options)
+    for _ in range(10):
+        mine = {}  # photo URL -> content hash (None: no faces), of this shard
+        for e in entries:
+            if e.path.startswith(SOURCES_DIR + "/"):
+                t = tables.read_table(mf.file_url(dataset, e), ["source", "content_hash", "faces"], storage_options)
+                for u, h, n in zip(*(t.column(c).to_pylist() for c in ("source", "content_hash", "faces"))):
+                    mine[u] = h if n else None
+
+        def change(current: mf.Manifest) -> mf.Manifest:
+            listed, hashes = _listed_sources(dataset, current, storage_options)
+            dup = {u for u, h in mine.items() if u in listed or (h is not None and h in hashes)}
+            if dup:
+                raise _AlreadyListed(dup)
+            return mf.Delta(add=tuple(entries), metadata=metadata).apply(current)
+
+        try:
+            return mf.commit(dataset, change, storage_options)
+        except _AlreadyListed as exc:
+            entries = _without_sources(dataset, entries, exc.sources, storage_options)
+            if not entries:
+                return None
+    raise RuntimeError(f"dataset {dataset}: a shard kept overlapping concurrent commits; run prepare again")
 
 
 def delete_uncommitted(dataset: str, storage_options: dict | None = None) -> list[str]:
     """Delete the data files a crashed run wrote but never committed; returns their paths.
 
-    Safe only with one writer per dataset (a running writer's files are unlisted too)."""
-    gone = [rel for rel in mf.orphans(dataset, storage_options) if rel.split("/")[0] in SCHEMAS]
+    Only the holder of the dataset's writer lease may sweep, and only files older than its
+    lease (storage.lease.sweepable_orphans): a newer unlisted file belongs to a running writer."""
+    gone = [rel for rel in lease.sweepable_orphans(dataset, storage_options) if rel.split("/")[0] in SCHEMAS]
     for rel in gone:
         files.delete(mf.file_url(dataset, rel), storage_options)
     return gone

@@ -13,7 +13,9 @@ shard function, one shard after another in this process (no Ray).
 
 Resume and incremental runs: the ``sources`` table lists every photo already processed, so a
 re-run (after a crash or after photos were added) processes only the photos not yet listed.
-Files written but never committed (a killed run) are deleted first: one writer per dataset.
+One writer per dataset: the run holds the dataset's writer lease (storage.lease) from start to
+end, so a second prepare into the same dataset fails at once naming the first; a killed run's
+lease is taken over. Files written but never committed (a killed run) are deleted first.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
+from storage import lease, urls
 from storage import manifest as mf
 
 from pipelines import execution
@@ -66,7 +69,15 @@ def prepare_dataset(source: str, dataset: str, config: IngestConfig | None = Non
     processed. Raises ``ValueError`` when the dataset was prepared with different settings.
     """
     config = config or IngestConfig()
-    stream = stream or sys.stderr
+    source, dataset = urls.absolute(source), urls.absolute(dataset)  # tasks run elsewhere, cwd too
+    opts = config.storage_options or None
+    with lease.held(dataset, f"opqn prepare {source} {dataset}", config.lease_seconds, opts) as held:
+        return _prepare(source, dataset, config, stream or sys.stderr, progress_interval, held)
+
+
+def _prepare(source: str, dataset: str, config: IngestConfig, stream, progress_interval: float,
+             held: lease.Lease) -> PrepareResult:
+    """``prepare_dataset`` while holding the dataset's writer lease."""
     opts = config.storage_options or None
     listing = list_sources(source, opts)
     result = PrepareResult(dataset=dataset, photos=len(listing))
@@ -103,6 +114,7 @@ def prepare_dataset(source: str, dataset: str, config: IngestConfig | None = Non
                                       num_cpus=max(1, config.torch_threads))
     for _, stats in done_shards:
         nodes[stats["node"]] += 1
+        held.check()  # a job whose lease was taken over commits nothing more
         face_format.commit_shard(dataset, stats["entries"], settings, opts)
         result.shards += 1
         result.processed += stats["photos"]
