@@ -3,8 +3,11 @@
 ``encode_source`` runs once per source shard (``pipelines.execution.run_tasks``, on Ray or in
 this process). The model is built once per worker process (``execution.process_cached``, keyed by
 the model id) from the checkpoint state the driver planned with, which every task reads from the
-object store: all tasks encode with exactly that model, never with a re-read of its URL. Faces
-are decoded and encoded ``batch_size`` at a time into hard codes, with ``store_features`` also
+object store: all tasks encode with exactly that model, never with a re-read of its URL (and
+check its model id against the planned one, ``check_model``). Features with a NaN or infinity
+fail the task naming the model and the shard (``check_finite``), so no garbage code is ever
+written, let alone committed. Faces are decoded and encoded ``batch_size`` at a time into hard
+codes, with ``store_features`` also
 into the l2-normalised float feature as float16 (``model.features.stored_feature``: the
 vector evaluation's float upper bound takes the cosine of), and with a refine quantizer also
 into the refine code of that normalised feature (``model.refine``; the quantizer file is read
@@ -48,6 +51,27 @@ class EncodeJob:
     use_gpu: bool
     store_features: bool
     refine_quantizer: dict | None = None  # manifest entry of the gallery's refine quantizer file
+    model_id: str = ""  # the model the driver planned with (and will commit as the gallery's model)
+
+
+class NonFiniteFeaturesError(ValueError):
+    """The model gave NaN or infinite features: its codes would be garbage (a NaN feature becomes code 0)."""
+
+
+def check_model(state: dict, job: EncodeJob) -> None:
+    """Refuse to encode with another model than the planned one: the gallery records ``job.model_id``."""
+    if job.model_id and state.get("model_id") != job.model_id:
+        raise ValueError(f"encode task got model {state.get('model_id')}, but the run was planned with "
+                         f"{job.model_id}; nothing of this run after its last commit is committed")
+
+
+def check_finite(x: torch.Tensor, model_id: str, url: str) -> None:
+    """``NonFiniteFeaturesError`` naming the model and the source shard when ``x`` has NaN or inf."""
+    finite = torch.isfinite(x).all(dim=1)
+    if not bool(finite.all()):
+        raise NonFiniteFeaturesError(f"model {model_id} gave non-finite (NaN or infinite) features for "
+                                     f"{int((~finite).sum())} face(s) of source shard {url}; encode stops and "
+                                     "commits none of them (a diverged checkpoint?)")
 
 
 def _model(state: dict, device: torch.device):
@@ -67,6 +91,7 @@ def encode_source(source: tuple, state: dict, job: EncodeJob) -> tuple[list[File
     """Encode one source face shard (``source``: its (url, key, fingerprint) from ``face_shards``)
     and write its shards; returns (manifest entries, faces encoded, faces rejected)."""
     url, key = source[0], source[1]
+    check_model(state, job)
     if job.threads:
         torch.set_num_threads(job.threads)
     device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
@@ -94,6 +119,7 @@ def encode_source(source: tuple, state: dict, job: EncodeJob) -> tuple[list[File
         if not rows:
             continue
         x = embed(model, torch.from_numpy(np.stack(decoded)).to(device))
+        check_finite(x, state["model_id"], url)
         codes[rows] = model.codes_from_features(x).cpu().numpy()
         if features is not None or refine is not None:
             normalized = normalized_feature(x)

@@ -28,6 +28,7 @@ from pipelines.formats.faces import face_shards, read_face_columns
 from pipelines.formats.gallery import gallery_metadata, open_gallery
 from pipelines.formats.gallery_writer import commit_sources
 from pipelines.progress import Progress, format_seconds
+from storage import lease, urls
 
 
 @dataclass
@@ -60,6 +61,10 @@ class EncodeConfig:
                 "as soon as it is complete; longer: fewer manifest rewrites, more redone after a crash"})
     executor: str = field(default="ray", metadata={"help": "ray (in-process, or the cluster of RAY_ADDRESS) or "
                                                             "local (no Ray)", "choices": EXECUTORS})
+
+    lease_seconds: float = field(default=120.0, metadata={
+        "help": "the run holds the gallery's writer lease (one writer per gallery), renewed every third of this; "
+                "a killed run's lease is taken over after this many seconds (at once on the same host)"})
 
     def __post_init__(self):
         if self.executor not in EXECUTORS:
@@ -100,8 +105,19 @@ def plan(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig):
 
 def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig = EncodeConfig(),
                    out=None) -> dict:
-    """Encode the dataset's not-yet-encoded face shards into the gallery; returns counts."""
-    out = out or sys.stderr  # resolved per call: a stream captured at import may be closed later
+    """Encode the dataset's not-yet-encoded face shards into the gallery; returns counts.
+
+    Holds the gallery's writer lease (storage.lease) throughout: a second encode into the same
+    gallery fails at once naming this one. Local paths are made absolute before any task sees
+    them (a task on another node or process has another working directory)."""
+    model_url, dataset, gallery_url = (urls.absolute(u) for u in (model_url, dataset, gallery_url))
+    with lease.held(gallery_url, f"opqn encode {model_url} {dataset} {gallery_url}", cfg.lease_seconds) as held:
+        # the stream is resolved per call: one captured at import may be closed later
+        return _encode(model_url, dataset, gallery_url, cfg, out or sys.stderr, held)
+
+
+def _encode(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig, out, held: lease.Lease) -> dict:
+    """``encode_gallery`` while holding the gallery's writer lease."""
     t0 = time.monotonic()
     state, gallery, todo, expected = plan(model_url, dataset, gallery_url, cfg)
     skipped = len(gallery.encoded_sources) if gallery else 0
@@ -120,7 +136,7 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
                                 store_features=cfg.store_features, refine=refine.meta if refine else None)
     job = EncodeJob(gallery_url=gallery_url, splits=tuple(cfg.splits), batch_size=cfg.batch_size,
                     shard_rows=cfg.shard_rows, threads=cfg.threads_per_actor if cfg.executor == "ray" else 0,
-                    use_gpu=cfg.use_gpu, store_features=cfg.store_features,
+                    use_gpu=cfg.use_gpu, store_features=cfg.store_features, model_id=state["model_id"],
                     refine_quantizer=refine.quantizer if refine else None)
     total = sum(expected.values())
     print(f"encode: {total} faces in {len(todo)} new source shard(s) of {dataset} -> {gallery_url} "
@@ -134,9 +150,12 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
         nonlocal last_commit
         if not pending or (not force and time.monotonic() - last_commit < cfg.commit_seconds):
             return
-        commit_sources(gallery_url, metadata, [(k, f, e) for k, f, e, _, _ in pending],
-                       refine.entry if refine else None)
-        for _, _, _, faces, rejected in pending:
+        held.check()  # a run whose lease was taken over commits nothing more
+        committed = commit_sources(gallery_url, metadata, [(k, f, e) for k, f, e, _, _ in pending],
+                                   refine.entry if refine else None)
+        for key, _, _, faces, rejected in pending:
+            if key not in committed:  # another writer listed this source first: not ours to count
+                continue
             summary["sources_encoded"] += 1
             summary["faces"] += faces
             summary["rejected"] += rejected

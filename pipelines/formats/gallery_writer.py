@@ -24,7 +24,7 @@ from pipelines.formats.gallery import (CODES_DIR, FEATURE_ROW_GROUP, FEATURES_DI
                                        REJECT_SCHEMA, REJECTS_DIR, TOMBSTONE_SCHEMA, TOMBSTONES_DIR, Gallery,
                                        code_schema, code_table, deleted_ids, feature_schema, feature_table,
                                        paired_path, refine_schema, refine_table, require_gallery)
-from storage import files, urls
+from storage import files, lease, urls
 from storage.manifest import Delta, FileEntry, Manifest, commit, write_data_file
 from storage.tables import read_table, write_table
 
@@ -98,14 +98,18 @@ def write_quantizer(gallery_url: str, quantizer: RefineQuantizer, trained_on: in
 
 
 def commit_sources(gallery_url: str, metadata: dict, written: list[tuple[str, str, list[FileEntry]]],
-                   quantizer: FileEntry | None = None, storage_options: dict | None = None) -> None:
+                   quantizer: FileEntry | None = None, storage_options: dict | None = None) -> set[str]:
     """List the written files of whole source shards, with their watermarks, in one atomic commit.
 
     ``metadata``: the gallery's metadata (``gallery_metadata``) as this encode run sees it, used
     for a new gallery and checked against an existing one (a concurrent run may have committed
     meanwhile). ``written``: (source key, fingerprint, manifest entries) per source shard.
     ``quantizer``: the refine quantizer file this run trained, listed if not yet listed.
+    Idempotent per source: the watermark is re-checked on the manifest the commit lands on (each
+    retry after a lost race included), and a source another writer committed meanwhile is
+    dropped (its files stay unlisted), so no face is ever listed twice. Returns the keys this commit listed.
     """
+    committed: set[str] = set()
     model_id, with_features = metadata["model_id"], metadata.get("features") is not None
     refine_file = (metadata.get("refine") or {}).get("quantizer")
 
@@ -122,10 +126,12 @@ def commit_sources(gallery_url: str, metadata: dict, written: list[tuple[str, st
                              f"quantizer meanwhile (a concurrent encode); run encode again")
         sources = dict(meta.get("encoded_sources", {}))
         added = []
+        committed.clear()
         for key, fingerprint, entries in written:
             if key in sources:  # a concurrent run committed this source first: add nothing twice
                 continue
             sources[key] = fingerprint
+            committed.add(key)
             added += entries
         if len(sources) == len(meta.get("encoded_sources", {})):
             return current
@@ -135,6 +141,7 @@ def commit_sources(gallery_url: str, metadata: dict, written: list[tuple[str, st
         return replace(current, files=current.files + tuple(added), metadata=meta)
 
     commit(gallery_url, change, storage_options)
+    return committed
 
 
 def write_tombstones(gallery_url: str, face_ids, storage_options: dict | None = None) -> FileEntry:
@@ -150,7 +157,13 @@ def list_files(gallery_url: str, entries, metadata: dict | None = None, storage_
 
 
 def delete_faces(gallery_url: str, face_ids: list[str]) -> dict:
-    """Tombstone ``face_ids``; ids not in the gallery are reported, not recorded."""
+    """Tombstone ``face_ids``; ids not in the gallery are reported, not recorded. Holds the
+    gallery's writer lease (storage.lease): one writer per gallery."""
+    with lease.held(gallery_url, f"opqn gallery delete {gallery_url}"):
+        return _delete_faces(gallery_url, face_ids)
+
+
+def _delete_faces(gallery_url: str, face_ids: list[str]) -> dict:
     gallery = require_gallery(gallery_url)
     already = deleted_ids(gallery)
     wanted = pa.array(sorted(set(face_ids) - already), pa.string())
@@ -175,13 +188,22 @@ def _paired_kinds(gallery: Gallery, i: int) -> list[tuple[str, FileEntry, pa.Sch
 
 
 def compact(gallery_url: str) -> dict:
-    """Rewrite the shards holding tombstoned faces without them and drop the tombstones."""
+    """Rewrite the shards holding tombstoned faces without them and drop the tombstones.
+
+    Each rewritten shard takes its original's place in the manifest (its paired shards theirs),
+    so the surviving faces keep their scan order and equal-score ties resolve as before. Holds
+    the gallery's writer lease (storage.lease): one writer per gallery."""
+    with lease.held(gallery_url, f"opqn gallery compact {gallery_url}"):
+        return _compact(gallery_url)
+
+
+def _compact(gallery_url: str) -> dict:
     gallery = require_gallery(gallery_url)
     if not gallery.tombstones:
         return {"rewritten": 0, "removed_faces": 0}
     schema = code_schema(gallery.M, gallery.K)
     dead = pa.array(sorted(deleted_ids(gallery)), pa.string())
-    removed, added, dropped = [], [], 0
+    removed, replacing, dropped = [], {}, 0  # replacing: old path -> the entries taking its place
     for i, entry in enumerate(gallery.shards):
         table = read_table(urls.join(gallery_url, entry.path))
         mask = pc.is_in(table.column("face_id"), dead)
@@ -190,25 +212,33 @@ def compact(gallery_url: str) -> dict:
             continue
         dropped += hits
         removed.append(entry.path)
-        paired = {}  # directory -> its table without the deleted rows, of each paired shard
+        paired, pentries = {}, []  # directory -> its table without the deleted rows, of each paired shard
         for directory, pentry, pschema in _paired_kinds(gallery, i):
             ptable = read_table(urls.join(gallery_url, pentry.path))
             if not ptable.column("face_id").equals(table.column("face_id")):
                 raise ValueError(f"gallery {gallery_url}: {directory} shard {pentry.path} does not hold the faces of "
                                  f"{entry.path} row for row; not compacting")
             removed.append(pentry.path)
+            pentries.append(pentry.path)
             paired[directory] = ptable.filter(pc.invert(mask)).cast(pschema)  # same mask: still aligned
         kept = table.filter(pc.invert(mask))
-        if kept.num_rows:
-            added += write_code_shard(gallery_url, kept.cast(schema), paired)
+        new = write_code_shard(gallery_url, kept.cast(schema), paired) if kept.num_rows else []
+        # code shard first, then each paired shard, each where its original was listed
+        for old, entry in zip([entry.path] + pentries, new or [None] * (1 + len(pentries))):
+            replacing[old] = [entry] if entry is not None else []
     tombstones = {t.path for t in gallery.tombstones}
 
     def change(current: Manifest) -> Manifest:
         listed = {f.path for f in current.files}
         if not set(removed) <= listed or not tombstones <= listed:
             raise RuntimeError(f"gallery {gallery_url} changed during compaction; run compact again")
-        gone = set(removed) | tombstones
-        return replace(current, files=tuple(f for f in current.files if f.path not in gone) + tuple(added))
+        listing = []
+        for f in current.files:
+            if f.path in replacing:
+                listing += replacing[f.path]
+            elif f.path not in tombstones:
+                listing.append(f)
+        return replace(current, files=tuple(listing))
 
     commit(gallery_url, change)
     return {"rewritten": len(removed), "removed_faces": dropped, "tombstones_dropped": len(tombstones)}
