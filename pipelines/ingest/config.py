@@ -72,9 +72,6 @@ class IngestConfig:
     lease_seconds: float = field(default=120.0, metadata={
         "help": "the run holds the dataset's writer lease (one writer per dataset), renewed every third of this; "
                 "a killed run's lease is taken over after this many seconds (at once on the same host)"})
-    lease_seconds: float = field(default=120.0, metadata={
-        "help": "the run holds the dataset's writer lease (one writer per dataset), renewed every third of this; "
-                "a killed run's lease is taken over after this many seconds (at once on the same host)"})
     storage_options: dict = field(default_factory=dict, compare=False,
                                   metadata={"help": "object-store options (Python API only)"})
 
