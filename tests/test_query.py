@@ -14,7 +14,9 @@ from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint,
 from pipelines.formats.gallery import code_numpy_dtype, code_table, gallery_metadata
 from pipelines.formats.gallery_writer import list_files, write_code_shard, write_tombstones
 from pipelines.formats.checkpoint import stored_size
-from pipelines.query.run import RESULT_SCHEMA, QueryConfig, load_queries, query_batch, query_tables
+from pipelines.query.results import RESULT_SCHEMA
+from pipelines.query.run import QueryConfig, query_batch, query_tables
+from pipelines.query.source import load_queries
 from pipelines.train.recipe import Recipe, make_optimizer
 from storage.tables import read_table
 

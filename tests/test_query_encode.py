@@ -10,7 +10,8 @@ from model.scoring import lut_scores
 from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint
 from pipelines.formats.gallery import deleted_ids, read_codes, require_gallery
 from pipelines.formats.checkpoint import stored_size
-from pipelines.query.run import load_queries, query_tables
+from pipelines.query.run import query_tables
+from pipelines.query.source import load_queries
 from storage.tables import read_table
 
 

@@ -28,7 +28,8 @@ from pipelines.formats.gallery import (FEATURE_ROW_GROUP, deleted_ids, feature_p
                                        read_features, read_refine, require_gallery)
 from pipelines.formats.gallery_writer import compact, delete_faces
 from pipelines.formats.checkpoint import stored_size
-from pipelines.query.run import QueryConfig, load_queries, query_batch, query_inputs
+from pipelines.query.run import QueryConfig, query_batch, query_inputs
+from pipelines.query.source import load_queries
 from pipelines.config_flags import config_from_args
 from pipelines.train.recipe import make_optimizer
 from model.features import embed

@@ -8,6 +8,12 @@
    face id) or a local identity folder of already-cropped faces (``identity/photo.jpg``, centre
    crop ``cfg.crop_fraction``; the query id is ``identity/photo.jpg``). One table (M x K) per
    query: ``model.tables_from_features(embed(...))``. No queries: an empty result and a warning.
+   Queries go in blocks (``pipelines.query.source``) of ``cfg.query_block`` queries, or as many
+   as ``cfg.memory_mb`` holds (``block_queries``): each block is read, embedded, scanned and
+   written before the next is read, so memory does not grow with the number of queries. A
+   block's tables and tombstones go to the object store once (``execution.run_tasks``'s
+   ``shared``) and every scan task of the block reads them there. At most ``MAX_TOP_K``
+   results (or re-rank candidates) per query.
 3. Consecutive code shards (manifest order) are grouped into tasks of about
    ``cfg.rows_per_task`` codes; each Ray task scans its shards one at a time
    (``scan.scan_shards``) and returns its top-k per query. At most ``cfg.max_in_flight`` tasks
@@ -20,8 +26,10 @@
    ``cfg.refine = R`` (a gallery encoded with ``--refine-bytes B``) does the same with the
    gallery's compact refine codes in place of the float features (``model.refine``);
    the two are alternatives.
-5. Results (``RESULT_SCHEMA``), one Parquet file at ``results_url``: ``query_id, rank, face_id,
-   score``; per query (in input order) rank 0 is the best; ordered by score desc, then the
+5. Results (``pipelines.query.results``): ``results_url`` ending in ``.parquet`` is one Parquet
+   file, written when the job ends; any other URL is a results dataset, one file per block
+   committed as the block finishes, so a killed job resumes at its first uncommitted block and a
+   re-run with nothing new does nothing. Rows ``query_id, rank, face_id, score``; per query (in input order) rank 0 is the best; ordered by score desc, then the
    code's position in the gallery (shard index in manifest order, row in the shard), so ties
    are deterministic and the output is the same for any shard grouping, task count or
    re-sharding that keeps the codes' global order. With re-rank, ``score`` is the exact cosine
@@ -33,7 +41,6 @@ import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -44,15 +51,15 @@ from pipelines.formats.gallery import deleted_ids, load_quantizer, require_galle
 from pipelines.progress import Progress, format_seconds
 from pipelines.query.kernels import KERNELS, check_kernel, choose_kernel
 from pipelines.query.rerank import Rescorer, check_depth, rerank_topk
+from pipelines.query.results import ResultsDataset, is_single_file, results_table, write_results_file
 from pipelines.query.scan import ScanSettings, scan_gallery
+from pipelines.query.source import add_ids, open_queries
 from pipelines.query.topk import ShardTask, empty_topk, group_shards
 from storage import urls
-from storage.tables import write_table
 
 log = logging.getLogger(__name__)
 
-RESULT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int32()), ("face_id", pa.string()),
-                           ("score", pa.float32())])
+MAX_TOP_K = 10_000  # results (or re-rank candidates) per query: a block holds queries x this many rows
 
 
 @dataclass
@@ -94,6 +101,14 @@ class QueryConfig:
     def __post_init__(self):
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.depth > MAX_TOP_K:
+            what = "rerank R" if self.rerank else "refine R" if self.refine else "top_k"
+            raise ValueError(f"{what}={self.depth} is above the limit of {MAX_TOP_K} results per query: every "
+                             f"query block holds queries x {what} rows in the driver and in each scan task; ask "
+                             f"for at most {MAX_TOP_K}")
+        if self.query_block < 0 or self.memory_mb < 1:
+            raise ValueError(f"query_block must be >= 0 (0: from memory_mb) and memory_mb >= 1, got "
+                             f"{self.query_block} and {self.memory_mb}")
         check_depth(self.top_k, self.rerank)
         check_depth(self.top_k, self.refine, "refine")
         if self.rerank and self.refine:
@@ -110,37 +125,6 @@ class QueryConfig:
     def depth(self) -> int:
         """PQ candidates kept per query: R when re-ranking (by features or refine codes), else top_k."""
         return self.rerank or self.refine or self.top_k
-
-
-def load_queries(queries_url: str, split: str, size: int, crop_fraction: float = 1.0,
-                 storage_options: dict | None = None):
-    """(query ids, uint8 images (n, 3, size, size)); empty when no query matches."""
-    import torch
-
-    from pipelines.formats.faces import face_shard_files, is_face_dataset, load_face_dataset, read_face_columns
-    from pipelines.photo_folder import IMAGE_EXTENSIONS, list_identity_folder, load_face_set
-
-    empty = ([], torch.empty(0, 3, size, size, dtype=torch.uint8))
-    if is_face_dataset(queries_url, storage_options):
-        files = face_shard_files(queries_url, storage_options)
-        present = set(read_face_columns(files, ("split",), storage_options).column("split").to_pylist())
-        splits = [split] if split else sorted(s for s in present if s is not None)
-        if not present & set(splits):
-            log.warning("no queries: face dataset %s has no faces with split %r (splits present: %s)",
-                        queries_url, split, sorted(s for s in present if s is not None))
-            return empty
-        faces = load_face_dataset(queries_url, splits, size, 1.0, storage_options)
-        return list(faces.paths), faces.images
-    if not urls.is_local(queries_url):
-        raise FileNotFoundError(f"{queries_url} is not a face dataset (no faces/*.parquet); image-folder queries "
-                                f"must be a local identity/photo tree")
-    root = Path(urls.local_path(queries_url))
-    if root.is_dir() and not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.glob("*/*")):
-        log.warning("no queries: image folder %s holds no identity/photo images", queries_url)
-        return empty
-    items = list_identity_folder(root, min_photos=1)
-    faces = load_face_set(items, size, crop_fraction)
-    return [str(Path(p).relative_to(root).as_posix()) for p in faces.paths], faces.images
 
 
 def query_tables(model, images, batch_size: int) -> np.ndarray:
@@ -160,19 +144,42 @@ def query_inputs(model, images, batch_size: int) -> tuple[np.ndarray, np.ndarray
     return tables, x.numpy().astype(np.float32)
 
 
-def results_table(best: pa.Table, query_ids: list[str]) -> pa.Table:
-    """Top-k rows (query, score desc, shard, row order) -> the result contract."""
-    q = best.column("query").to_numpy()
-    rank = (np.arange(len(q)) - np.searchsorted(q, q, side="left")).astype(np.int32)
-    return pa.table({"query_id": pa.array(query_ids, pa.string()).take(pa.array(q)), "rank": rank,
-                     "face_id": best.column("face_id"), "score": best.column("score")}, schema=RESULT_SCHEMA)
+
+def block_queries(cfg: QueryConfig, size: int, M: int, K: int, D: int) -> int:
+    """Queries per block: ``cfg.query_block``, or what ``cfg.memory_mb`` holds at about
+    3 S^2 bytes of decoded crop, 2 x 4 M K of table (the driver's and the object store's copy),
+    8 D of features and 4 x 64 bytes per top-k row (a task's result, the running merge, the
+    block's results and its Parquet buffer) per query."""
+    if cfg.query_block:
+        return cfg.query_block
+    per_query = 3 * size * size + 8 * M * K + 8 * D + 4 * 64 * cfg.depth
+    return max(1, cfg.memory_mb * 2**20 // per_query)
+
+
+def result_key(state: dict, gallery, cfg: QueryConfig) -> dict:
+    """What a results dataset's rows depend on: a resumed run must match it."""
+    return {"model_id": state["model_id"], "gallery": gallery.url, "gallery_generation": gallery.generation,
+            "top_k": cfg.top_k, "rerank": cfg.rerank, "refine": cfg.refine, "split": cfg.split,
+            "crop_fraction": cfg.crop_fraction}
+
+
+def check_gallery(gallery, cfg: QueryConfig, gallery_url: str) -> None:
+    """Refuse a re-rank the gallery has nothing stored for."""
+    if cfg.rerank and not gallery.has_features:
+        raise ValueError(f"gallery {gallery_url} has no stored float features, so it cannot be re-ranked "
+                         f"(rerank={cfg.rerank}): encode the gallery with --store-features (into a new gallery: "
+                         f"a gallery keeps the setting of its first encode), or query without --rerank")
+    if cfg.refine and not gallery.has_refine:
+        raise ValueError(f"gallery {gallery_url} has no refine codes, so it cannot be re-ranked with them "
+                         f"(refine={cfg.refine}): encode the gallery with --refine-bytes B (into a new gallery: a "
+                         f"gallery keeps the setting of its first encode), or query without --refine"
+                         f"{' (it stores float features: use --rerank)' if gallery.has_features else ''}")
 
 
 def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url: str,
                 cfg: QueryConfig | None = None, storage_options: dict | None = None, out=None) -> dict:
-    """Rank the gallery for every query; write the results; return a summary (see the module docstring).
-
-    Progress lines and the summary line go to ``out`` (default: sys.stderr)."""
+    """Rank the gallery for every query, block by block; write the results; return a summary
+    (see the module docstring). Progress lines and the summary line go to ``out`` (default: sys.stderr)."""
     cfg = cfg or QueryConfig()
     out = out or sys.stderr
     t0 = time.monotonic()
@@ -183,68 +190,97 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
     gallery.check_model(state["model_id"], mc.D, mc.M, mc.K)
     if cfg.kernel != "auto":
         check_kernel(cfg.kernel, mc.K)
-    if cfg.rerank and not gallery.has_features:
-        raise ValueError(f"gallery {gallery_url} has no stored float features, so it cannot be re-ranked "
-                         f"(rerank={cfg.rerank}): encode the gallery with --store-features (into a new gallery: "
-                         f"a gallery keeps the setting of its first encode), or query without --rerank")
-    if cfg.refine and not gallery.has_refine:
-        raise ValueError(f"gallery {gallery_url} has no refine codes, so it cannot be re-ranked with them "
-                         f"(refine={cfg.refine}): encode the gallery with --refine-bytes B (into a new gallery: a "
-                         f"gallery keeps the setting of its first encode), or query without --refine"
-                         f"{' (it stores float features: use --rerank)' if gallery.has_features else ''}")
+    check_gallery(gallery, cfg, gallery_url)
     quantizer = load_quantizer(gallery, storage_options) if cfg.refine else None
-
-    query_ids, images = load_queries(queries_url, cfg.split, stored_size(state), cfg.crop_fraction,
-                                     storage_options)
-    tables, features = query_inputs(model, images, cfg.batch_size)
-    nq = len(query_ids)
+    size = stored_size(state)
+    source = open_queries(queries_url, cfg.split, size, cfg.crop_fraction, storage_options)
+    dataset = None if is_single_file(results_url) else ResultsDataset(results_url, result_key(state, gallery, cfg),
+                                                                       storage_options)
+    start = dataset.done if dataset else 0
+    hasher = source.hasher(start)
+    if dataset:
+        dataset.check_prefix(hasher.hexdigest())
     deleted = pa.array(sorted(deleted_ids(gallery, storage_options)), pa.string())
     paired = (gallery.feature_urls() if cfg.rerank else gallery.refine_urls() if cfg.refine
               else [None] * len(gallery.shards))
-    shards = [ShardTask(i, urls.join(gallery.url, s.path), s.rows, paired[i])
-              for i, s in enumerate(gallery.shards)]
+    shards = [ShardTask(i, urls.join(gallery.url, s.path), s.rows, paired[i]) for i, s in enumerate(gallery.shards)]
     groups = group_shards(shards, cfg.rows_per_task, cfg.shards_per_task)
-    kernel = choose_kernel(cfg.kernel, nq, mc.K)
-    print(f"[query] {nq} queries, gallery {gallery_url}: {gallery.rows} codes in {len(shards)} shards "
-          f"({len(groups)} tasks), {len(deleted)} deleted, top-{cfg.top_k}"
+    block = block_queries(cfg, size, mc.M, mc.K, mc.D)
+    todo = max(0, source.count - start)
+    n_blocks = -(-todo // block)
+    kernel = choose_kernel(cfg.kernel, min(block, todo), mc.K)
+    print(f"[query] {source.count} queries{f' ({start} answered before)' if start else ''}, gallery {gallery_url}: "
+          f"{gallery.rows} codes in {len(shards)} shards ({len(groups)} tasks), {len(deleted)} deleted, "
+          f"top-{cfg.top_k}"
           f"{f' of the exact re-rank of the PQ top-{cfg.rerank}' if cfg.rerank else ''}"
           f"{f' of the {gallery.refine_bytes}-byte refine re-rank of the PQ top-{cfg.refine}' if cfg.refine else ''}"
-          f", kernel {kernel}, "
-          f"executor {cfg.executor}",
-          file=out, flush=True)
-    if nq and cfg.executor == "ray":
-        start_ray()  # before the clock starts: the scan rate should not include Ray's start-up
-    t_scan = time.monotonic()
-    nodes: set = set()
-    if nq == 0:
+          f", kernel {kernel}, executor {cfg.executor}, {n_blocks} block{'s' * (n_blocks != 1)} of up to {block} "
+          f"queries", file=out, flush=True)
+    if not source.count:
         log.warning("no queries in %s (split %r): writing an empty result to %s", queries_url, cfg.split, results_url)
-        best = empty_topk()
+    if todo and cfg.executor == "ray":
+        start_ray()  # before the clock starts: the scan rate should not include Ray's start-up
+    run = {"queries": 0, "blocks": 0, "scan_seconds": 0.0, "nodes": set()}
+    settings = ScanSettings(cfg.depth, cfg.kernel, storage_options,
+                            threads=cfg.threads_per_task if cfg.executor == "ray" else 0)
+
+    def answered():
+        """(block, its result table), block by block: one block's queries in memory at a time."""
+        for b, qblock in enumerate(source.blocks(start, block)):
+            tables, features = query_inputs(model, qblock.images, cfg.batch_size)
+            t_scan = time.monotonic()
+            label = "query" if n_blocks == 1 else f"query {b + 1}/{n_blocks}"
+            best = scan_block(tables, features, groups, deleted, settings, cfg, quantizer,
+                              Progress(len(shards), "shards", label, cfg.progress_interval, out), run["nodes"])
+            run["scan_seconds"] += time.monotonic() - t_scan
+            run["queries"] += len(qblock.ids)
+            run["blocks"] += 1
+            add_ids(hasher, qblock.all_ids)
+            yield qblock, results_table(best, qblock.ids)
+
+    if dataset is None:
+        rows = write_results_file(results_url, (r for _, r in answered()), storage_options)
+        total = run["queries"]
     else:
-        progress = Progress(len(shards), "shards", "query", cfg.progress_interval, out)
-        rescorer = (Rescorer.exact(features) if cfg.rerank else Rescorer.refine(quantizer, features) if cfg.refine
-                    else None)
-        settings = ScanSettings(cfg.depth, cfg.kernel, storage_options,
-                                threads=cfg.threads_per_task if cfg.executor == "ray" else 0)
-        best = scan_gallery(tables, groups, deleted, settings, progress, executor=cfg.executor,
-                            max_in_flight=cfg.max_in_flight, cpus_per_task=cfg.threads_per_task,
-                            gpus_per_task=cfg.gpus_per_task, nodes=nodes, rescorer=rescorer)
-        if rescorer is not None:
-            best = rerank_topk(best, cfg.top_k)
-    scan_seconds = time.monotonic() - t_scan
-    results = results_table(best, query_ids)
-    write_table(results_url, results, schema=RESULT_SCHEMA, storage_options=storage_options)
-    seconds = time.monotonic() - t0
-    codes_per_s = gallery.rows / scan_seconds if nq and scan_seconds > 0 else 0.0
-    summary = {"queries": nq, "gallery_codes": gallery.rows, "deleted": len(deleted), "shards": len(shards),
-               "tasks": len(groups) if nq else 0, "nodes": len(nodes), "top_k": cfg.top_k, "rerank": cfg.rerank,
-               "refine": cfg.refine,
-               "kernel": kernel,
-               "result_rows": results.num_rows,
-               "scan_seconds": round(scan_seconds, 3), "seconds": round(seconds, 3),
-               "codes_per_s": codes_per_s, "scores_per_s": codes_per_s * nq, "results_url": results_url,
+        for qblock, results in answered():
+            dataset.commit_block(results, qblock.start, qblock.end, len(qblock.ids), hasher.hexdigest())
+        dataset.commit_empty()
+        rows, total = dataset.rows, dataset.queries
+    return summarize(run, total, rows, gallery, shards, groups, deleted, cfg, kernel, results_url,
+                     time.monotonic() - t0, out)
+
+
+def scan_block(tables, features, groups, deleted, settings: ScanSettings, cfg: QueryConfig, quantizer,
+               progress: Progress, nodes: set) -> pa.Table:
+    """The top-k table of one block of queries over the whole gallery (re-ranked when asked)."""
+    rescorer = (Rescorer.exact(features) if cfg.rerank else Rescorer.refine(quantizer, features) if cfg.refine
+                else None)
+    if not len(tables):
+        return empty_topk()
+    best = scan_gallery(tables, groups, deleted, settings, progress, executor=cfg.executor,
+                        max_in_flight=cfg.max_in_flight, cpus_per_task=cfg.threads_per_task,
+                        gpus_per_task=cfg.gpus_per_task, nodes=nodes if cfg.executor == "ray" else None,
+                        rescorer=rescorer)
+    return rerank_topk(best, cfg.top_k) if rescorer is not None else best
+
+
+def summarize(run: dict, total: int, rows: int, gallery, shards, groups, deleted, cfg: QueryConfig, kernel: str,
+              results_url: str, seconds: float, out) -> dict:
+    """The summary dict and line: ``queries`` counts every query answered in ``results_url``
+    (earlier runs' too, for a results dataset); the rates and ``new_queries`` only this run's."""
+    nq, scan_seconds = run["queries"], run["scan_seconds"]
+    codes_per_s = gallery.rows * run["blocks"] / scan_seconds if nq and scan_seconds > 0 else 0.0
+    scores_per_s = gallery.rows * nq / scan_seconds if nq and scan_seconds > 0 else 0.0
+    tasks = len(groups) * run["blocks"] if nq else 0
+    summary = {"queries": total, "new_queries": nq, "blocks": run["blocks"], "gallery_codes": gallery.rows,
+               "deleted": len(deleted), "shards": len(shards), "tasks": tasks, "nodes": len(run["nodes"]),
+               "top_k": cfg.top_k, "rerank": cfg.rerank, "refine": cfg.refine, "kernel": kernel,
+               "result_rows": rows, "scan_seconds": round(scan_seconds, 3), "seconds": round(seconds, 3),
+               "codes_per_s": codes_per_s, "scores_per_s": scores_per_s, "results_url": results_url,
                "config": asdict(cfg)}
-    print(f"query: {nq} queries x {gallery.rows} codes ({len(shards)} shards, {summary['tasks']} tasks, "
-          f"{len(deleted)} deleted) -> {results.num_rows} results in {format_seconds(seconds)}; scan "
-          f"{codes_per_s:,.0f} codes/s ({codes_per_s * nq:,.0f} scores/s, kernel {kernel}); {results_url}",
+    blocks = f" ({run['blocks']} blocks)" if run["blocks"] > 1 else ""
+    print(f"query: {nq} queries x {gallery.rows} codes ({len(shards)} shards, {tasks} tasks, {len(deleted)} "
+          f"deleted) -> {rows} results in {format_seconds(seconds)}{blocks}"
+          f"; scan {codes_per_s:,.0f} codes/s ({scores_per_s:,.0f} scores/s, kernel {kernel}); {results_url}",
           file=out, flush=True)
     return summary
