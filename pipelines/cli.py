@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
+import traceback
 
 from pipelines.config_flags import explain_defaults
+from storage.errors import (CommitConflictError, StorageAuthError, StorageError,
+                            StorageUnavailableError)
 
 # Stage modules, in pipeline order. Adding a stage is one line here.
 STAGES = [
@@ -29,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opqn",
         description="Face image retrieval with OPQN: prepare, train, encode, query, evaluate.",
+        epilog="Every command takes --json (its summary as one JSON object) and --verbose (anywhere on "
+               "the line). Errors a user can fix end in one line `opqn COMMAND: error: ...` and exit 1.",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="show tracebacks with errors, info logs and the engines' (Ray's) own output; "
+                             "accepted anywhere on the command line (default: off)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in STAGES:
         try:
@@ -43,16 +53,86 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Fixes named after errors whose own message may not say what to do.
+_FIXES = [
+    (CommitConflictError, "another writer kept committing to the same manifest; run again when it is done"),
+    (StorageUnavailableError, "check AWS_ENDPOINT_URL and that the object store is up"),
+    (StorageAuthError, "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"),
+    (FileNotFoundError, "check the path or URL"),
+    (PermissionError, "check the permissions of the path, or the object store's credentials"),
+    (FileExistsError, "remove it or choose another path"),
+    (ConnectionError, "check the address and that the service is up"),
+    (TimeoutError, "check the address and that the service is up"),
+]
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The user's exception inside a Ray task error (Ray wraps a task's exception with the remote traceback)."""
+    seen = set()
+    while getattr(exc, "cause", None) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.cause
+    return exc
+
+
+def _is_engine_connection_error(exc: BaseException) -> bool:
+    """botocore / urllib3 connection failures that reached us untranslated (they name the endpoint)."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
+                         "NewConnectionError", "MaxRetryError", "NoCredentialsError"})
+
+
+def user_error(exc: BaseException) -> str | None:
+    """One line for an error the user can fix (bad path or URL, unreachable or refusing store,
+    conflicting writer, wrong settings), or None for a bug (shown with its traceback)."""
+    exc = _cause(exc)
+    if not isinstance(exc, (ValueError, OSError, ConnectionError, TimeoutError)) \
+            and not _is_engine_connection_error(exc):
+        return None
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and not isinstance(exc, StorageError) and exc.filename and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}"  # not "[Errno 2] ..."
+    if _is_engine_connection_error(exc):
+        return f"{text}; check AWS_ENDPOINT_URL / the service address, the credentials, and that it is up"
+    # our own errors say what to do; raw OS errors ("Permission denied: x") and bare storage
+    # errors get the usual fix
+    if isinstance(exc, StorageError) or getattr(exc, "errno", None) is not None:
+        for kind, fix in _FIXES:
+            if isinstance(exc, kind) and "check " not in text:
+                return f"{text}; {fix}"
+    return text
+
+
+def _pop_verbose(argv: list[str]) -> tuple[list[str], bool]:
+    """``--verbose`` is global but accepted after the subcommand too, where users type it."""
+    return [a for a in argv if a != "--verbose"], "--verbose" in argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv, verbose = _pop_verbose(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
+    verbose = verbose or args.verbose
+    if verbose:
+        os.environ["OPQN_VERBOSE"] = "1"  # read by execution.start_ray: forward the engines' output
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    command = " ".join(filter(None, (args.command, getattr(args, "gallery_command", None))))
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"opqn {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"opqn {command}: interrupted; running it again resumes where it stopped", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user errors become one line, bugs are re-raised
+        message = user_error(exc)
+        if message is None:
+            raise
+        if verbose:
+            traceback.print_exc()
+        print(f"opqn {command}: error: {message}", file=sys.stderr)
         return 1
     return int(result or 0)
 

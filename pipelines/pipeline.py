@@ -11,14 +11,16 @@ steps. Embedded defaults (local disk, in-process Ray); ``s3://`` work folders an
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 
 from pipelines.progress import format_seconds
 from pipelines.train.recipe import Recipe
-from pipelines.config_flags import add_config_arguments, config_from_args
-from storage import urls
+from pipelines.config_flags import add_config_arguments, add_json_flag, config_from_args
+from storage import files, urls
 
 
 @dataclass
@@ -66,7 +68,19 @@ def stage_urls(cfg: PipelineConfig) -> dict[str, str]:
         root = urls.local_path(root)  # Ray workers do not share the driver's working directory
     return {"dataset": urls.join(root, "dataset"), "model": urls.join(root, "model.pt"),
             "gallery": urls.join(root, "gallery"), "results": urls.join(root, "results.parquet"),
-            "report": urls.join(root, "report"), "viewer": urls.join(root, "viewer", "index.html")}
+            "report": urls.join(root, "report"), "viewer": urls.join(root, "viewer", "index.html"),
+            "summary": urls.join(root, "summary.json")}
+
+
+def check_inputs(cfg: PipelineConfig) -> None:
+    """Fail in a second, before Ray starts, on a photo tree that is not there or a work folder
+    whose object store cannot be reached (either raises the storage error naming the fix)."""
+    source = cfg.source()
+    if not files.exists(source):
+        raise FileNotFoundError(f"photo tree not found: {source}; pass --data with a folder of identity/photo "
+                                f"files (local path or s3://)")
+    if not urls.is_local(cfg.workdir):
+        files.exists(cfg.workdir)  # reachable, and the credentials are accepted
 
 
 def prepare(cfg: PipelineConfig, where: dict, out) -> dict:
@@ -173,10 +187,21 @@ def summary_line(results: dict, where: dict, seconds: float) -> str:
             f"Report: {where['report']}/report.md  Viewer: {where['viewer']}")
 
 
+def write_summary(cfg: PipelineConfig, where: dict, results: dict, seconds: float) -> dict:
+    """``summary.json`` in the work folder (through storage: local or s3://), for scripts and
+    dashboards: the settings, each stage's counts, metrics and time, and every output URL."""
+    summary = {"source": cfg.source(), "workdir": cfg.workdir, "finished": datetime.now(timezone.utc).isoformat(
+        timespec="seconds"), "seconds": round(seconds, 1), "urls": where, "stages": results, "config": asdict(cfg)}
+    files.write_bytes_atomic(where["summary"], json.dumps(summary, indent=1, default=str).encode())
+    return summary
+
+
 def run_pipeline(cfg: PipelineConfig, out=None) -> dict:
-    """Run every stage in order; returns each stage's result and the stage URLs."""
+    """Run every stage in order and write ``summary.json``; returns that summary (the settings,
+    each stage's result, the stage URLs and the total seconds)."""
     out = out or sys.stderr
     where = stage_urls(cfg)
+    check_inputs(cfg)  # before Ray starts: a typo costs a second, not a cluster start
     t0 = time.monotonic()
     print(f"[pipeline] {cfg.source()} -> {cfg.workdir} ({len(STAGES)} stages: "
           f"{', '.join(n for n, _ in STAGES)})", file=out, flush=True)
@@ -186,7 +211,7 @@ def run_pipeline(cfg: PipelineConfig, out=None) -> dict:
     results = {name: run_stage(name, fn, cfg, where, out) for name, fn in STAGES}
     seconds = time.monotonic() - t0
     print(summary_line(results, where, seconds), file=out, flush=True)
-    return {"config": asdict(cfg), "urls": where, "stages": results, "seconds": round(seconds, 1)}
+    return write_summary(cfg, where, results, seconds)
 
 
 def register(subparsers) -> None:
@@ -194,9 +219,13 @@ def register(subparsers) -> None:
         "pipeline", help="the main job: prepare -> train -> encode -> query -> evaluate -> viewer, in one command",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, PipelineConfig)
+    add_json_flag(p)
     p.set_defaults(func=run_cli)
 
 
 def run_cli(args) -> int:
-    run_pipeline(config_from_args(PipelineConfig, args), out=sys.stdout)
+    # with --json, stdout holds only the summary object; the stage lines go to stderr
+    summary = run_pipeline(config_from_args(PipelineConfig, args), out=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}, default=str))
     return 0

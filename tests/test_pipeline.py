@@ -78,6 +78,13 @@ def test_pipeline_end_to_end_then_rerun_does_only_the_cheap_stages(tmp_path, lfw
     assert s["view"]["queries_shown"] == TINY["view_queries"]
     text = log.getvalue()
     assert "[pipeline] done in" in text and where["viewer"] in text and "mAP" in text
+    # summary.json in the work folder: stages in order with their counts, metrics and times, and every URL
+    summary = json.loads((tmp_path / "work" / "summary.json").read_text())
+    assert list(summary["stages"]) == ["prepare", "train", "encode", "query", "evaluate", "view"]
+    assert summary["urls"] == where and where["summary"] == str(tmp_path / "work" / "summary.json")
+    assert summary["stages"]["evaluate"]["map"] == s["evaluate"]["map"]
+    assert summary["stages"]["prepare"]["photos"] == 56 and summary["stages"]["train"]["epochs"] == 2
+    assert all(stage["seconds"] >= 0 for stage in summary["stages"].values()) and summary["seconds"] > 0
 
     # A re-run (after a crash, or to refresh): nothing to prepare, train or encode again.
     first_results = pq.read_table(where["results"])
