@@ -75,3 +75,11 @@ def test_boolean_flags_show_their_default(capsys):
         build_parser().parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "continue from the checkpoint at the model URL if one exists (default: on)" in text
+
+
+def test_every_command_prints_its_summary_as_json_on_request():
+    leaves = [(path, parser) for path, parser in subcommands(build_parser())
+              if not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)]
+    missing = [" ".join(path) for path, parser in leaves
+               if not any("--json" in a.option_strings for a in parser._actions)]
+    assert not missing, missing

@@ -184,7 +184,7 @@ def test_cli_subcommand(dataset, report_dir, tmp_path, capsys):
     view_cli.register(parser.add_subparsers(dest="command"))
     out = tmp_path / "page.html"
     args = parser.parse_args(["view", str(root), str(tmp_path / "r.parquet"), str(out), "--report-dir",
-                              str(report_dir), "--max-queries", "1", "--top-k", "2"])
+                              str(report_dir), "--max-queries", "1", "--top-k", "2", "--json"])
     assert args.func(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["queries"] == 1 and summary["images"] == 1 + 2 + 2 and summary["path"] == str(out)

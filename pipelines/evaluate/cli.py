@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 from model.registry import METHODS
 from pipelines.evaluate.evaluation import DEFAULT_TS, evaluate_url
@@ -48,7 +49,8 @@ def register(subparsers) -> None:
     p.add_argument("--ts", type=_ts, default=DEFAULT_TS, help="T values for P@T, comma-separated")
     p.add_argument("--allow-seen", action="store_true", help="cross: allow identities the model was trained on")
     p.add_argument("--threads", type=int, default=2, help="image decoding threads")
-    p.add_argument("--json", action="store_true", help="print the metrics (without curves) as one JSON line")
+    p.add_argument("--json", action="store_true", help="print the metrics (without curves) as one JSON object per "
+                   "model on stdout, the human-readable lines on stderr (default: off)")
     p.set_defaults(func=run_evaluate)
 
 
@@ -57,6 +59,7 @@ def run_evaluate(args) -> int:
     out = evaluate_url(args.model_url, args.dataset, args.report_dir, args.protocol, args.method,
                        args.crop_fraction, args.min_photos, args.max_photos, args.query_fraction,
                        args.queries_per_identity, args.seed, args.ts, args.threads, args.allow_seen)
+    human = sys.stderr if args.json else sys.stdout  # with --json, stdout holds only the JSON object(s)
     for r in out["results"]:
         q, f = r["quantized"], r["float"]
         if args.json:
@@ -71,7 +74,7 @@ def run_evaluate(args) -> int:
         print(f"{r['label']} {r['bits']} bit, {args.protocol}-domain, {q['queries']} queries x {q['database']} database: "
               f"mAP {q['map']:.4f}  " + "  ".join(f"P@{t} {p[t]:.4f}" for t in list(p)[:3])
               + f"  (float features mAP {f['map']:.4f}); largest code bucket "
-              f"{100 * r['code_spread']['largest_bucket']:.1f}% of the database")
-    print(f"report in {args.report_dir} ({format_seconds(out['context']['seconds'])})")
+              f"{100 * r['code_spread']['largest_bucket']:.1f}% of the database", file=human)
+    print(f"report in {args.report_dir} ({format_seconds(out['context']['seconds'])})", file=human)
     return 0
 

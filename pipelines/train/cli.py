@@ -45,8 +45,9 @@ def run_train(args) -> int:
     from pipelines.train.run import train  # Ray Train: imported only when this command runs
 
     result = train(config_from_args(RayTrainConfig, args))
-    if args.json:
-        print(json.dumps(result["history"][-1]))
+    if args.json:  # the final epoch's record and the run's totals
+        print(json.dumps({**(result["history"][-1] if result["history"] else {}), "epochs": result["epoch"],
+                          **{k: result[k] for k in ("model_url", "identities", "faces", "nodes")}}, default=str))
     return 0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from pipelines.config_flags import add_json_flag
 from pipelines.view.page import write_viewer
 
 
@@ -19,11 +20,14 @@ def register(subparsers) -> None:
                    "the page shows no metrics)")
     p.add_argument("--max-queries", type=int, default=50, help="queries shown: the first N query ids, sorted")
     p.add_argument("--top-k", type=int, default=10, help="results shown per query")
+    add_json_flag(p)
     p.set_defaults(func=run_view)
 
 
 def run_view(args) -> int:
     summary = write_viewer(args.dataset, args.results, args.report_dir, args.out, max_queries=args.max_queries,
                            top_k=args.top_k)
-    print(json.dumps(summary))
+    print(json.dumps(summary) if args.json else
+          f"viewer of {summary['queries']} queries ({summary['missing_faces']} faces missing) written to "
+          f"{summary['path']}")
     return 0
