@@ -50,7 +50,7 @@ LEASE_LOCK = ".writer-lease.lock"
 FORMAT = "opqn-lease"
 DEFAULT_SECONDS = 120.0
 
-_HELD: dict[tuple[str, int], "Lease"] = {}  # (root, thread id) -> the lease that thread holds
+_HELD: dict[tuple[str, threading.Thread], "Lease"] = {}  # (root, thread) -> the lease that thread holds
 _HELD_LOCK = threading.Lock()
 
 
@@ -215,7 +215,7 @@ def acquire(root: str, command: str | None = None, seconds: float = DEFAULT_SECO
     """Take the writer lease of ``root`` or raise ``LeaseHeldError`` naming its holder."""
     if seconds <= 0:
         raise ValueError(f"lease seconds must be > 0, got {seconds}")
-    key = (_root_key(root), threading.get_ident())
+    key = (_root_key(root), threading.current_thread())
     with _HELD_LOCK:
         mine = _HELD.get(key)
         if mine is not None:
@@ -244,7 +244,7 @@ def held(root: str, command: str | None = None, seconds: float = DEFAULT_SECONDS
 def holding(root: str) -> Lease | None:
     """The lease this thread holds on ``root``, if any."""
     with _HELD_LOCK:
-        return _HELD.get((_root_key(root), threading.get_ident()))
+        return _HELD.get((_root_key(root), threading.current_thread()))
 
 
 def sweepable_orphans(root: str, storage_options: dict | None = None) -> list[str]:

@@ -1,0 +1,316 @@
+"""Data safety: one writer per dataset or gallery (the writer lease), commits idempotent per
+source, the pinned model, no garbage codes from non-finite features, compaction keeping the order.
+
+Each concurrency case runs on local disk and on the local S3 server (``s3_bucket``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from face_datasets import lfw_people, write_face_dataset
+from pipelines.encode.encoder import EncodeJob, NonFiniteFeaturesError, check_model
+from pipelines.encode.run import EncodeConfig, encode_gallery
+from pipelines.formats import faces as face_format
+from pipelines.formats.checkpoint import load_checkpoint, save_checkpoint
+from pipelines.formats.gallery import (FEATURES_DIR, deleted_ids, feature_table, code_table, gallery_metadata,
+                                       open_gallery, require_gallery)
+from pipelines.formats.gallery_writer import commit_sources, compact, delete_faces, list_files, write_code_shard, \
+    write_source
+from pipelines.query.topk import ShardTask, merge_topk, shard_topk
+from pipelines.train.local import TrainConfig, train_local
+from storage import files, lease, urls
+from storage import manifest as mf
+from storage.tables import read_table
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    return str(tmp_path / "root") if request.param == "local" else request.getfixturevalue("s3_bucket") + "/root"
+
+
+@pytest.fixture(scope="module")
+def faces(lfw_dir, tmp_path_factory):
+    return write_face_dataset(tmp_path_factory.mktemp("safety") / "ds", lfw_dir, identities=4, photos=6, shards=3)
+
+
+@pytest.fixture(scope="module")
+def model_url(faces, tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("model") / "m.pt")
+    train_local(TrainConfig(data=str(faces), model_url=url, bits=16, codewords=16, dim=64, width=0.125, epochs=1,
+                            batch_size=16, seed=0), evaluate=False)
+    return url
+
+
+def copy_dataset(faces, root: str) -> str:
+    """The module's face shards under ``root``/ds (local or S3)."""
+    fs, path = urls.resolve(root)
+    fs.put(str(faces / "faces"), f"{path}/ds/faces", recursive=True)
+    return urls.join(root, "ds")
+
+
+def listed_face_ids(dataset: str) -> list[str]:
+    return face_format.read_faces(dataset, ["face_id"]).column("face_id").to_pylist()
+
+
+def gallery_face_ids(gallery_url: str) -> list[str]:
+    return [fid for u in require_gallery(gallery_url).shard_urls() for fid in read_table(u).column("face_id").to_pylist()]
+
+
+def duplicates(ids) -> list[str]:
+    return [k for k, n in Counter(ids).items() if n > 1]
+
+
+# --------------------------------------------------------------------------- the lease itself
+
+def test_second_writer_fails_naming_the_holder_and_an_expired_lease_is_taken_over(root):
+    first = lease.acquire(root, "opqn encode first", seconds=1.5, heartbeat=False)
+    errors = []
+
+    def other():
+        try:
+            lease.acquire(root, "opqn encode second")
+        except lease.LeaseHeldError as exc:
+            errors.append(str(exc))
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    [message] = errors
+    assert "being written by another job" in message and f"pid {os.getpid()}" in message
+    assert "opqn encode first" in message and "started 0 s ago" in message and "expires in" in message
+    first.check()  # still ours
+    time.sleep(1.6)  # the holder stalls past its expiry (no heartbeat)
+    second = []
+    t = threading.Thread(target=lambda: second.append(lease.acquire(root, "opqn encode second", seconds=30)))
+    t.start()
+    t.join()
+    assert second, "an expired lease is taken over"
+    with pytest.raises(lease.LeaseLostError, match="taken over by .*opqn encode second"):
+        first.check()  # the stalled holder learns before its next commit
+    first.release()  # a lost lease is left to its new holder: still held
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert len(errors) == 2 and "opqn encode second" in errors[1]
+    second[0].release()
+    with lease.held(root, "third") as third, lease.held(root, "nested") as nested:
+        assert nested is third  # the same thread nests: one lease
+        third.renew()
+    assert lease.is_free(lease._parse(files.read_all(urls.join(root, lease.LEASE_NAME))))
+
+
+def test_lease_of_a_killed_process_is_taken_over_at_once(tmp_path):
+    root = str(tmp_path / "ds")
+    code = ("import os, signal\nfrom storage import lease\n"
+            f"lease.acquire({root!r}, 'doomed', seconds=3600)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with lease.held(root, "next run"):  # same host, holder gone: no need to wait an hour
+        pass
+
+
+def test_orphan_sweep_spares_files_newer_than_the_lease(tmp_path):
+    dataset = str(tmp_path / "ds")
+    old = face_format.write_shard(dataset, [], [], [])  # a crashed run's sources file
+    time.sleep(0.05)
+    with lease.held(dataset, "sweeper"):
+        new = face_format.write_shard(dataset, [], [], [])  # written after the lease: a live writer's
+        assert face_format.delete_uncommitted(dataset) == [old[0].path]
+    assert mf.orphans(dataset) == [new[0].path]
+
+
+# --------------------------------------------------------------------------- two writers, one dataset/gallery
+
+BLOCK_AFTER_FIRST_COMMIT = """
+import os, sys, time
+from storage import manifest
+def hold(root, m, marker={marker!r}, release={release!r}):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        deadline = time.time() + 300
+        while not os.path.exists(release) and time.time() < deadline:
+            time.sleep(0.1)
+manifest.COMMIT_HOOKS.append(hold)
+from pipelines.cli import main
+sys.exit(main({args!r}))
+"""
+
+
+def run_two_writers(args: list[str], tmp_path) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess, int]:
+    """Writer A commits once and waits; writer B runs the same command meanwhile; then A goes on."""
+    marker, release = str(tmp_path / "a-committed"), str(tmp_path / "release-a")
+    a = subprocess.Popen([sys.executable, "-c", BLOCK_AFTER_FIRST_COMMIT.format(marker=marker, release=release,
+                                                                                  args=args)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not os.path.exists(marker):
+            assert a.poll() is None, a.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "writer A never committed"
+            time.sleep(0.1)
+        b = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=300)
+    finally:
+        open(release, "w").close()
+    out, err = a.communicate(timeout=300)
+    return subprocess.CompletedProcess(a.args, a.returncode, out, err), b, a.pid
+
+
+def photo_tree(lfw_dir, path) -> str:
+    for person, photos in lfw_people(lfw_dir, identities=3, photos=4):
+        (path / person).mkdir(parents=True)
+        for p in photos:
+            shutil.copy(p, path / person / p.name)
+    return str(path)
+
+
+def test_two_concurrent_prepares_list_every_face_once(lfw_dir, root, tmp_path):
+    src = photo_tree(lfw_dir, tmp_path / "photos")
+    dataset = urls.join(root, "ds")
+    a, b, a_pid = run_two_writers(["prepare", src, dataset, "--crop-size", "32", "--shard-size", "2",
+                                   "--executor", "local"], tmp_path)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert b.returncode != 0 and "being written by another job" in b.stderr and f"pid {a_pid}" in b.stderr, \
+        b.stderr[-3000:]
+    assert len(b.stderr.strip().splitlines()) <= 5, b.stderr  # a message, not a traceback
+    ids = listed_face_ids(dataset)
+    assert len(ids) == 12 and duplicates(ids) == []
+    assert face_format.read_sources(dataset).num_rows == 12
+    assert mf.orphans(dataset) == []  # nothing the second writer did is left behind
+    # a re-run after the fact finds nothing to do and lists nothing twice
+    again = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", src, dataset, "--crop-size", "32",
+                            "--executor", "local"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(listed_face_ids(dataset)) == sorted(ids)
+
+
+def test_two_concurrent_encodes_list_every_face_once(faces, model_url, root, tmp_path):
+    dataset = copy_dataset(faces, root)
+    gallery = urls.join(root, "gallery")
+    a, b, a_pid = run_two_writers(["encode", model_url, dataset, gallery, "--batch-size", "8", "--commit-seconds",
+                                   "0", "--executor", "local"], tmp_path)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert b.returncode != 0 and "being written by another job" in b.stderr and f"pid {a_pid}" in b.stderr, \
+        b.stderr[-3000:]
+    ids = gallery_face_ids(gallery)
+    assert len(ids) == 24 and duplicates(ids) == []
+    assert len(require_gallery(gallery).encoded_sources) == 3
+
+
+def test_ingest_commit_is_idempotent_per_photo(tmp_path):
+    """Two writers that processed the same photos (no lease: e.g. a commit re-applied after a race)."""
+    from test_ingest_units import face_row
+
+    dataset = str(tmp_path / "ds")
+
+    def shard(names):
+        rows = [face_row(f"{n}-0", "database") for n in names]
+        sources = [{"source": r["source"], "identity": "p", "content_hash": r["face_id"][:-2], "split": "database",
+                    "faces": 1, "reason": None} for r in rows]
+        return face_format.write_shard(dataset, rows, [], sources)
+
+    writers = [shard(["a", "b"]), shard(["a", "b"]), shard(["b", "c"])]
+    barrier = threading.Barrier(len(writers))
+
+    def commit(entries):
+        barrier.wait()
+        face_format.commit_shard(dataset, entries, {"size": 24})
+
+    threads = [threading.Thread(target=commit, args=(w,)) for w in writers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = listed_face_ids(dataset)
+    assert sorted(ids) == ["a-0", "b-0", "c-0"]
+    assert sorted(face_format.read_sources(dataset).column("source").to_pylist()) == ["a-0.jpg", "b-0.jpg", "c-0.jpg"]
+
+
+def test_encode_commit_is_idempotent_per_source(tmp_path):
+    gallery = str(tmp_path / "gallery")
+    meta = gallery_metadata("m1", 4, 2, 16, "dct-orthonormal", {})
+    ids = np.array(["f1", "f2"], dtype=object)
+
+    def written():
+        return [("faces/part-0.parquet", "sha-0",
+                 write_source(gallery, "faces/part-0.parquet", ids, np.array([None, None], dtype=object),
+                              np.zeros((2, 2), np.uint8), 2, 16, 100))]
+
+    assert commit_sources(gallery, meta, written()) == {"faces/part-0.parquet"}
+    assert commit_sources(gallery, meta, written()) == set()  # already listed by the first writer
+    assert sorted(gallery_face_ids(gallery)) == ["f1", "f2"]
+
+
+# --------------------------------------------------------------------------- pinned model, finite features
+
+def test_nan_weights_fail_the_encode_naming_model_and_shard(faces, model_url, tmp_path):
+    state = load_checkpoint(model_url)
+    weights = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v  # a diverged run's weights
+               for k, v in state["model"].items()}
+    nan_url = str(tmp_path / "nan.pt")
+    save_checkpoint(nan_url, {k: v for k, v in state.items() if k != "model_id"} | {"model": weights})
+    nan_id = load_checkpoint(nan_url)["model_id"]
+    gallery = str(tmp_path / "gallery")
+    with pytest.raises(NonFiniteFeaturesError, match=rf"model {nan_id} .*non-finite.* source shard .*part-0000\d"):
+        encode_gallery(nan_url, str(faces), gallery, EncodeConfig(batch_size=8, commit_seconds=0, executor="local"))
+    assert open_gallery(gallery) is None  # not one code committed
+    assert not lease.holding(gallery)  # and the lease was given back
+
+
+def test_encode_task_refuses_another_model_than_planned():
+    job = EncodeJob(gallery_url="g", splits=(), batch_size=1, shard_rows=1, threads=0, use_gpu=False,
+                    store_features=False, model_id="aaaa")
+    check_model({"model_id": "aaaa"}, job)
+    with pytest.raises(ValueError, match="model bbbb.*planned with aaaa"):
+        check_model({"model_id": "bbbb"}, job)
+
+
+def test_relative_paths_become_absolute(faces, model_url, tmp_path, monkeypatch):
+    shutil.copytree(faces, tmp_path / "ds")
+    monkeypatch.chdir(tmp_path)
+    summary = encode_gallery(model_url, "ds", "gallery", EncodeConfig(batch_size=8, executor="local"))
+    assert summary["gallery"] == str(tmp_path / "gallery") and summary["faces"] == 24
+
+
+# --------------------------------------------------------------------------- compaction order
+
+def test_compaction_keeps_the_order_of_equal_score_ties(tmp_path):
+    gallery = str(tmp_path / "gallery")
+    M, K, D = 4, 16, 8
+    entries = []
+    for s in range(3):  # three shards of four faces, every code the same: every score ties
+        ids = [f"s{s}-f{i}" for i in range(4)]
+        entries += write_code_shard(gallery, code_table(ids, [None] * 4, np.zeros((4, M), np.uint8), M, K),
+                                    {FEATURES_DIR: feature_table(ids, np.full((4, D), s, np.float32), D)})
+    list_files(gallery, entries, gallery_metadata("m", D, M, K, "dct-orthonormal", {}, store_features=True))
+    tables = np.random.default_rng(0).standard_normal((2, M, K)).astype(np.float32)
+
+    def topk(k=6):
+        g = require_gallery(gallery)
+        deleted = pa.array(sorted(deleted_ids(g)), pa.string())
+        shards = [ShardTask(i, urls.join(gallery, s.path), s.rows) for i, s in enumerate(g.shards)]
+        best = merge_topk([shard_topk(tables, t, k, deleted) for t in shards], k)
+        return best.column("face_id").to_pylist()
+
+    delete_faces(gallery, ["s0-f1"])  # in the first shard: compaction rewrites it
+    before = topk()
+    assert before[:6] == ["s0-f0", "s0-f2", "s0-f3", "s1-f0", "s1-f1", "s1-f2"]
+    result = compact(gallery)
+    assert result["removed_faces"] == 1
+    assert topk() == before
+    g = require_gallery(gallery)
+    assert [fid for u in g.shard_urls() for fid in read_table(u).column("face_id").to_pylist()][:3] == \
+        ["s0-f0", "s0-f2", "s0-f3"]
+    for code, feat in zip(g.shards, g.features):  # paired shards kept their pairing and place
+        assert feat.path.rsplit("/", 1)[-1] == code.path.rsplit("/", 1)[-1]
