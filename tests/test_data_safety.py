@@ -268,6 +268,36 @@ def test_nan_weights_fail_the_encode_naming_model_and_shard(faces, model_url, tm
     assert not lease.holding(gallery)  # and the lease was given back
 
 
+def test_a_checkpoint_rewritten_mid_encode_changes_no_code(faces, model_url, tmp_path, monkeypatch):
+    """Training rewrites its checkpoint URL every epoch: an encode under way keeps the model it planned with."""
+    url = str(tmp_path / "m.pt")
+    shutil.copy(model_url, url)
+    state = load_checkpoint(url)
+    planned = state["model_id"]
+    retrained = {k: v for k, v in state.items() if k != "model_id"}
+    retrained["model"] = {k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v
+                          for k, v in state["model"].items()}
+
+    def rewrite(root, manifest):
+        if manifest.generation == 1:
+            save_checkpoint(url, retrained)
+
+    monkeypatch.setattr(mf, "COMMIT_HOOKS", [rewrite])
+    cfg = EncodeConfig(batch_size=8, commit_seconds=0, executor="local")
+    summary = encode_gallery(url, str(faces), str(tmp_path / "gallery"), cfg)
+    assert load_checkpoint(url)["model_id"] != planned  # it was rewritten after the first commit
+    monkeypatch.setattr(mf, "COMMIT_HOOKS", [])
+    reference = encode_gallery(model_url, str(faces), str(tmp_path / "reference"), cfg)
+    assert summary["model_id"] == reference["model_id"] == planned
+    assert require_gallery(str(tmp_path / "gallery")).model_id == planned
+
+    def codes(g):
+        return {f: c for u in require_gallery(g).shard_urls()
+                for f, c in zip(*(read_table(u).column(n).to_pylist() for n in ("face_id", "codes")))}
+
+    assert codes(str(tmp_path / "gallery")) == codes(str(tmp_path / "reference"))
+
+
 def test_encode_task_refuses_another_model_than_planned():
     job = EncodeJob(gallery_url="g", splits=(), batch_size=1, shard_rows=1, threads=0, use_gpu=False,
                     store_features=False, model_id="aaaa")
