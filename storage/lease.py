@@ -247,14 +247,16 @@ def holding(root: str) -> Lease | None:
         return _HELD.get((_root_key(root), threading.current_thread()))
 
 
-def sweepable_orphans(root: str, storage_options: dict | None = None) -> list[str]:
-    """Unlisted files under ``root`` older than this thread's lease on it (relative paths).
+def sweepable_orphans(root: str, storage_options: dict | None = None, older_than: float = 0.0) -> list[str]:
+    """Unlisted files under ``root`` older than this thread's lease on it (relative paths), and
+    at least ``older_than`` seconds old.
 
     Only a lease holder may delete files no manifest lists, and only those written before it
     took the lease: anything newer belongs to a job that still thinks it is writing."""
     lease = holding(root)
     if lease is None:
         raise RuntimeError(f"deleting unlisted files under {root} needs its writer lease (storage.lease.held)")
+    cutoff = min(lease.started, time.time() - older_than)
     fs, _ = urls.resolve(root, storage_options)
     out = []
     for rel in orphans(root, storage_options):
@@ -262,7 +264,7 @@ def sweepable_orphans(root: str, storage_options: dict | None = None) -> list[st
             info = fs.info(urls.resolve(urls.join(root, rel), storage_options)[1])
         except FileNotFoundError:
             continue
-        if _mtime(info) < lease.started:
+        if _mtime(info) < cutoff:
             out.append(rel)
     return out
 

@@ -521,3 +521,29 @@ def test_s3_server_cli_start_stop(tmp_path):
     finally:
         if pid and Path(f"/proc/{pid}").exists():
             os.kill(pid, signal.SIGKILL)
+
+
+def test_vacuum_deletes_only_old_unlisted_files_under_the_lease(root):
+    import threading as _threading
+
+    from storage import lease
+    from storage.vacuum import vacuum
+
+    listed = write_data_file(root, make_batch(0, 3))
+    superseded = write_data_file(root, make_batch(3, 3))
+    commit(root, Delta(add=(listed, superseded)))
+    commit(root, Delta(remove=(superseded.path,)))  # e.g. a compaction unlisted it
+    crashed = write_data_file(root, make_batch(6, 3))  # a crashed writer's file, never listed
+    assert vacuum(root, older_than=3600) == []  # too young: a reader of the old manifest may need it
+    time.sleep(1.1)  # S3 stamps whole seconds
+    assert sorted(vacuum(root, older_than=0.5)) == sorted([superseded.path, crashed.path])
+    assert orphans(root) == [] and read_manifest(root).paths == [listed.path]
+    errors = []
+    holder = lease.acquire(root, "a writer", heartbeat=False)
+    try:
+        t = _threading.Thread(target=lambda: errors.append(pytest.raises(lease.LeaseHeldError, vacuum, root, 0)))
+        t.start()
+        t.join()
+    finally:
+        holder.release()
+    assert len(errors) == 1 and "a writer" in str(errors[0].value)
