@@ -92,8 +92,9 @@ class QueryConfig:
         "help": "compact re-rank: the same with the gallery's refine codes (encoded with --refine-bytes B) in "
                 "place of the float features; an alternative to --rerank; 0: off"})
     query_block: int = field(default=0, metadata={
-        "help": "queries read, embedded and scored at once (0: as many as --memory-mb holds); a results "
-                "dataset commits one file per block, the point a killed job resumes from"})
+        "help": "queries read, embedded and scored at once (0: as many as --memory-mb holds), rounded down to "
+                "whole --batch-size batches so results do not depend on it; a results dataset commits one file "
+                "per block, the point a killed job resumes from"})
     memory_mb: int = field(default=1024, metadata={
         "help": "memory budget of one query block in the driver (decoded crops, query tables, top-k tables), "
                 "which sets the block size when --query-block is 0; independent of the number of queries"})
@@ -132,16 +133,24 @@ def query_tables(model, images, batch_size: int) -> np.ndarray:
 
 
 def query_inputs(model, images, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(query tables (nq, M, K) float32, float features x (nq, D) float32) of the query images."""
+    """(query tables (nq, M, K) float32, float features x (nq, D) float32) of the query images.
+
+    Features and tables are computed batch by batch: their float rounding then depends only on
+    the batch a query is in, not on how many queries are embedded in one call."""
+    import torch
+
     from model.features import embed
 
-    if not len(images):
-        return np.empty((0, model.cfg.M, model.cfg.K), np.float32), np.empty((0, model.cfg.D), np.float32)
-    x = embed(model, images, batch_size)
-    tables = model.tables_from_features(x).numpy().astype(np.float32)
+    tables = np.empty((len(images), model.cfg.M, model.cfg.K), np.float32)
+    features = np.empty((len(images), model.cfg.D), np.float32)
+    for b0 in range(0, len(images), batch_size):
+        x = embed(model, images[b0:b0 + batch_size], batch_size)
+        with torch.no_grad():
+            tables[b0:b0 + len(x)] = model.tables_from_features(x).numpy()
+        features[b0:b0 + len(x)] = x.numpy()
     if not np.isfinite(tables).all():
         raise ValueError("the model produced non-finite query tables")
-    return tables, x.numpy().astype(np.float32)
+    return tables, features
 
 
 
@@ -149,11 +158,15 @@ def block_queries(cfg: QueryConfig, size: int, M: int, K: int, D: int) -> int:
     """Queries per block: ``cfg.query_block``, or what ``cfg.memory_mb`` holds at about
     3 S^2 bytes of decoded crop, 2 x 4 M K of table (the driver's and the object store's copy),
     8 D of features and 4 x 64 bytes per top-k row (a task's result, the running merge, the
-    block's results and its Parquet buffer) per query."""
-    if cfg.query_block:
-        return cfg.query_block
-    per_query = 3 * size * size + 8 * M * K + 8 * D + 4 * 64 * cfg.depth
-    return max(1, cfg.memory_mb * 2**20 // per_query)
+    block's results and its Parquet buffer) per query.
+    A block is a whole number of ``cfg.batch_size`` forward batches (rounded down; a block
+    smaller than one batch is embedded as one batch of its size): the forward pass's float
+    rounding depends on the batch a query is in, so whole batches keep every query's table, and
+    with it the results, the same whatever the block size and wherever a resumed job starts."""
+    n = cfg.query_block or cfg.memory_mb * 2**20 // (3 * size * size + 8 * M * K + 8 * D + 4 * 64 * cfg.depth)
+    if n >= cfg.batch_size:
+        n -= n % cfg.batch_size
+    return max(1, n)
 
 
 def result_key(state: dict, gallery, cfg: QueryConfig) -> dict:
@@ -227,7 +240,7 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
     def answered():
         """(block, its result table), block by block: one block's queries in memory at a time."""
         for b, qblock in enumerate(source.blocks(start, block)):
-            tables, features = query_inputs(model, qblock.images, cfg.batch_size)
+            tables, features = query_inputs(model, qblock.images, min(cfg.batch_size, block))
             t_scan = time.monotonic()
             label = "query" if n_blocks == 1 else f"query {b + 1}/{n_blocks}"
             best = scan_block(tables, features, groups, deleted, settings, cfg, quantizer,
