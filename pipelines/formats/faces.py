@@ -24,6 +24,7 @@ checkpoint (pipelines.formats.checkpoint), not by the dataset.
 from __future__ import annotations
 
 import io
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -260,27 +261,44 @@ class _AlreadyListed(Exception):
         self.sources = sources
 
 
-# (dataset, sources file path) -> (photo URLs, content hashes of photos with faces) it records; listed
-# files never change, so a run reads each one once however often its commits are re-applied
-_LISTED_SOURCES: dict[tuple[str, str], tuple[frozenset, frozenset]] = {}
+class _SourcesSeen:
+    """Photo URLs and face-bearing content hashes of the sources files a dataset lists, grown one
+    new file at a time: listed files never change, so a run reads each once however many commits
+    it makes or re-applies (and a commit costs its new files, not the whole dataset)."""
+
+    def __init__(self):
+        self.paths: set[str] = set()
+        self.urls: set[str] = set()
+        self.hashes: set[str] = set()
 
 
-def _listed_sources(dataset: str, manifest: mf.Manifest, storage_options: dict | None) -> tuple[set, set]:
-    """Photo URLs and face-bearing content hashes recorded by the sources files ``manifest`` lists."""
-    urls_seen, hashes = set(), set()
-    for entry in manifest.files:
-        if not entry.path.startswith(SOURCES_DIR + "/"):
-            continue
-        key = (dataset, entry.path)
-        if key not in _LISTED_SOURCES:
-            t = tables.read_table(mf.file_url(dataset, entry), ["source", "content_hash", "faces"], storage_options)
-            faces = t.column("faces").to_pylist()
-            _LISTED_SOURCES[key] = (frozenset(t.column("source").to_pylist()),
-                                    frozenset(h for h, n in zip(t.column("content_hash").to_pylist(), faces) if h and n))
-        u, h = _LISTED_SOURCES[key]
-        urls_seen |= u
-        hashes |= h
-    return urls_seen, hashes
+_SEEN: dict[str, _SourcesSeen] = {}
+_SEEN_LOCK = threading.Lock()  # commits of one process may run in threads
+
+
+def _listed_sources(dataset: str, manifest: mf.Manifest, storage_options: dict | None) -> _SourcesSeen:
+    """What the sources files ``manifest`` lists record (``_SourcesSeen``)."""
+    with _SEEN_LOCK:
+        return _grow_seen(dataset, manifest, storage_options)
+
+
+def _grow_seen(dataset: str, manifest: mf.Manifest, storage_options: dict | None) -> _SourcesSeen:
+    listed = {e.path: e for e in manifest.files if e.path.startswith(SOURCES_DIR + "/")}
+    seen = _SEEN.get(dataset)
+    if seen is None or not seen.paths <= listed.keys():  # a file was unlisted: start over
+        seen = _SEEN[dataset] = _SourcesSeen()
+
+    def read(entry: mf.FileEntry) -> pa.Table:
+        return tables.read_table(mf.file_url(dataset, entry), ["source", "content_hash", "faces"], storage_options)
+
+    new = [e for path, e in listed.items() if path not in seen.paths]
+    with ThreadPoolExecutor(min(8, max(1, len(new)))) as pool:  # parallel GETs on an object store
+        for entry, t in zip(new, pool.map(read, new)):
+            seen.urls.update(t.column("source").to_pylist())
+            seen.hashes.update(h for h, n in zip(t.column("content_hash").to_pylist(), t.column("faces").to_pylist())
+                               if h and n)
+            seen.paths.add(entry.path)
+    return seen
 
 
 def _without_sources(dataset: str, entries: list[mf.FileEntry], dropped: set[str],
@@ -318,8 +336,8 @@ def commit_shard(dataset: str, entries: list[mf.FileEntry], settings: dict,
                     mine[u] = h if n else None
 
         def change(current: mf.Manifest) -> mf.Manifest:
-            listed, hashes = _listed_sources(dataset, current, storage_options)
-            dup = {u for u, h in mine.items() if u in listed or (h is not None and h in hashes)}
+            seen = _listed_sources(dataset, current, storage_options)
+            dup = {u for u, h in mine.items() if u in seen.urls or (h is not None and h in seen.hashes)}
             if dup:
                 raise _AlreadyListed(dup)
             return mf.Delta(add=tuple(entries), metadata=metadata).apply(current)
