@@ -110,11 +110,10 @@ def _pop_verbose(argv: list[str]) -> tuple[list[str], bool]:
 
 def main(argv: list[str] | None = None) -> int:
     argv, verbose = _pop_verbose(list(sys.argv[1:] if argv is None else argv))
+    if verbose:  # before the stage modules are imported: execution quiets Ray at import unless set
+        os.environ["OPQN_VERBOSE"] = "1"
     parser = build_parser()
     args = parser.parse_args(argv)
-    verbose = verbose or args.verbose
-    if verbose:
-        os.environ["OPQN_VERBOSE"] = "1"  # read by execution.start_ray: forward the engines' output
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

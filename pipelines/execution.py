@@ -14,12 +14,49 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 EXECUTORS = ("ray", "local")
 
 _CACHE: dict = {}
+
+# Ray's own chatter in the worker output it forwards to the driver's console: Ray Train's
+# start-up and per-report lines (each worker's whole metrics dict every epoch; the job prints
+# its own epoch line), and the placement-group cleaner's "State API unavailable" warning, which
+# repeats every second without a dashboard. Dropped unless OPQN_VERBOSE is set (`--verbose`).
+ENGINE_NOISE = "|".join([
+    r"Failed to query Ray Train Controller actor state",
+    r"has constructor arguments in the object store and max_restarts",
+    r"Requesting resources: \{",
+    r"Attempting to start training worker group",
+    r"Started training worker group of size",
+    r"^- \(ip=[^)]*\) world_rank=",
+    r"Setting up process group for: ",
+    r"Moving model to device: ",
+    r"Wrapping provided model in DistributedDataParallel",
+    r"Reporting training result \d+: TrainingReport\(",
+])
+
+
+def quiet_engines() -> None:
+    """Keep Ray's internals off the console unless ``OPQN_VERBOSE`` is set.
+
+    Ray reads ``RAY_DEDUP_LOGS_SKIP_REGEX`` when it is first imported, so this runs when this
+    module is imported (every stage imports it before Ray) and again in ``start_ray``. Settings
+    the user made in the environment win. ``RAY_COLOR_PREFIX=0``: no ANSI codes in a log file.
+    """
+    if os.environ.get("OPQN_VERBOSE"):
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", ENGINE_NOISE)
+    if not (hasattr(sys.stdout, "isatty") and sys.stdout.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    # "token authentication is enabled": the safe default, said on every start
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+
+
+quiet_engines()
 
 
 def start_ray(num_cpus: int | None = None, *, worker_logs: bool = True, object_store_mb: int | None = None):
@@ -31,6 +68,7 @@ def start_ray(num_cpus: int | None = None, *, worker_logs: bool = True, object_s
     ``object_store_mb`` caps a local Ray's object store (memory benchmarks). Returns the
     ``ray`` module.
     """
+    quiet_engines()
     import ray
     import ray.data
 

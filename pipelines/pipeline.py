@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -142,9 +143,17 @@ def query(cfg: PipelineConfig, where: dict, out) -> dict:
 
 
 def evaluate(cfg: PipelineConfig, where: dict, out) -> dict:
-    from pipelines.evaluate.evaluation import evaluate_url
+    from pipelines.evaluate import evaluation
 
-    r = evaluate_url(where["model"], where["dataset"], where["report"], "single")["result"]
+    # the stage prints the evaluation's warnings on its own lines (and into Prefect's log), so
+    # the evaluator's logger would only say them twice
+    logger = logging.getLogger(evaluation.__name__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        r = evaluation.evaluate_url(where["model"], where["dataset"], where["report"], "single")["result"]
+    finally:
+        logger.setLevel(level)
     q, f, spread = r["quantized"], r["float"], r.get("code_spread") or {}
     for warning in r.get("warnings", []):
         print(f"[pipeline] {warning}", file=out, flush=True)
