@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 from dataclasses import fields
 
 import pytest
@@ -83,3 +85,44 @@ def test_every_command_prints_its_summary_as_json_on_request():
     missing = [" ".join(path) for path, parser in leaves
                if not any("--json" in a.option_strings for a in parser._actions)]
     assert not missing, missing
+
+
+def only_json(out: str) -> dict:
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    return json.loads(lines[0])
+
+
+def test_prepare_json_is_one_summary_object(lfw_dir, tmp_path, capsys):
+    from pipelines.cli import main
+
+    person = next(d for d in sorted(lfw_dir.iterdir()) if len(list(d.glob("*.jpg"))) >= 2)
+    (tmp_path / "photos" / person.name).mkdir(parents=True)
+    for f in sorted(person.glob("*.jpg"))[:2]:
+        shutil.copy(f, tmp_path / "photos" / person.name / f.name)
+    assert main(["prepare", str(tmp_path / "photos"), str(tmp_path / "ds"), "--crop-size", "32",
+                 "--executor", "local", "--json"]) == 0
+    summary = only_json(capsys.readouterr().out)
+    assert summary["photos"] == 2 and summary["processed"] == 2
+    assert summary["faces"] + sum(summary["rejected"].values()) == 2
+
+
+def test_pipeline_json_prints_only_the_summary(monkeypatch, capsys):
+    """The stage lines go to stderr with --json; stdout is the summary run_pipeline returns."""
+    import sys
+
+    from pipelines import pipeline
+    from pipelines.cli import main
+
+    def fake_run(cfg, out=None):
+        assert out is sys.stderr and cfg.epochs == 3
+        print("[pipeline] stage lines", file=out)
+        return {"urls": {"summary": "w/summary.json"}, "stages": {"train": {"epochs": 3}}, "seconds": 1.0,
+                "config": {"epochs": 3}}
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+    assert main(["pipeline", "--epochs", "3", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert only_json(captured.out) == {"urls": {"summary": "w/summary.json"}, "stages": {"train": {"epochs": 3}},
+                                       "seconds": 1.0}
+    assert "[pipeline] stage lines" in captured.err
