@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.options import config_with_options
-
+from flows.options import config_with_options, options_model
 from pipelines.query.run import QueryConfig, query_batch
 
+QueryOptions = options_model(QueryConfig, exclude=("top_k", "split"))
 
-@flow(name="query-batch", log_prints=True)
+
+@flow(name="query-batch", log_prints=True, retries=1, retry_delay_seconds=30)
 def query_batch_flow(model_url: str, gallery: str, queries: str, results: str, top_k: int = 100,
-                     split: str = "query", options: dict | None = None) -> dict:
+                     split: str = "query", options: QueryOptions | None = None) -> dict:
     """Rank GALLERY for every face of QUERIES with the model at MODEL_URL; write RESULTS (Parquet).
 
     ``options`` takes any other `opqn query` setting by name (kernel, rows_per_task,

@@ -12,14 +12,11 @@ from dataclasses import fields
 
 from prefect import flow, get_run_logger
 
-from flows.options import config_with_options
-
+from flows.options import config_with_options, options_model
 from pipelines.train.config import RayTrainConfig
 
-
-def _config(dataset: str, model_url: str, options: dict) -> RayTrainConfig:
-    return config_with_options(RayTrainConfig, "training", {"dataset": dataset, "model_url": model_url}, options,
-                               hidden=("run_id",))
+FLOW_PARAMETERS = ("dataset", "model_url", "bits", "codewords", "epochs", "workers", "use_gpu")
+TrainOptions = options_model(RayTrainConfig, exclude=FLOW_PARAMETERS + ("run_id",))
 
 
 def _cli_args(cfg: RayTrainConfig) -> list[str]:
@@ -63,15 +60,16 @@ def submit_ray_job(cfg: RayTrainConfig, address: str, poll_seconds: float = 2.0)
 
 @flow(name="train-opqn", log_prints=True)
 def train_opqn(dataset: str, model_url: str, bits: int = 32, codewords: int = 256, epochs: int = 20,
-               workers: int = 2, use_gpu: bool = False, options: dict | None = None,
+               workers: int = 2, use_gpu: bool = False, options: TrainOptions | None = None,
                ray_jobs_address: str = "") -> dict:
     """Train OPQN on DATASET (face shards) and write the checkpoint to MODEL_URL.
 
     ``options`` takes any other `opqn train` setting by name (dim, image_size, width,
     batch_size, lr, variant, ...); unknown names are rejected before anything starts.
     """
-    cfg = _config(dataset, model_url, {"bits": bits, "codewords": codewords, "epochs": epochs,
-                                       "workers": workers, "use_gpu": use_gpu, **(options or {})})
+    cfg = config_with_options(RayTrainConfig, "training",
+                              {"dataset": dataset, "model_url": model_url, "bits": bits, "codewords": codewords,
+                               "epochs": epochs, "workers": workers, "use_gpu": use_gpu}, options, hidden=("run_id",))
     cfg.opqn_config(2)  # shape errors (K > D/M, bits not a multiple of log2 K) before any submission
     if ray_jobs_address:
         return submit_ray_job(cfg, ray_jobs_address)

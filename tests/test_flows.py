@@ -5,9 +5,10 @@ import subprocess
 import pytest
 
 from face_datasets import write_face_dataset
-from flows.train import _cli_args, _config, train_opqn
+from flows.train import _cli_args, train_opqn
 from infra.prefect_local import deploy, prefect_bin, start
 from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint
+from pipelines.train.config import RayTrainConfig
 
 TINY_OPTIONS = {"dim": 64, "width": 0.125, "image_size": 32, "batch_size": 16}
 
@@ -44,9 +45,33 @@ def test_flow_parameters_are_validated_before_anything_starts(tmp_path):
                       options={"dim": 256})
 
 
+@pytest.mark.parametrize("flow_module, flow_name", [
+    ("flows.train", "train_opqn"), ("flows.encode", "encode_gallery_flow"), ("flows.query", "query_batch_flow"),
+    ("flows.pipeline", "opqn_pipeline_flow"), ("flows.prepare", "prepare_dataset_flow")])
+def test_flow_options_are_typed_fields_with_defaults_and_help(flow_module, flow_name):
+    """What Prefect's UI and `deployment run --param` see: every option a typed field with its
+    default and description, and unknown names refused by Prefect's own validation."""
+    import importlib
+
+    from prefect.utilities.callables import parameter_schema
+
+    flow = getattr(importlib.import_module(flow_module), flow_name)
+    schema = parameter_schema(flow.fn).model_dump()
+    options = next(d for name, d in schema["definitions"].items() if name.endswith("Options"))
+    assert options["additionalProperties"] is False
+    fields = options["properties"]
+    assert len(fields) >= 5
+    missing = {name: f for name, f in fields.items() if "default" not in f or not f.get("description")}
+    assert missing == {}
+    required = {name: "x" for name in schema.get("required", [])}
+    with pytest.raises(Exception, match="no_such_setting"):
+        flow.validate_parameters({**required, "options": {"no_such_setting": 1}})
+    assert flow.validate_parameters({**required, "options": {}})["options"] is not None
+
+
 def test_ray_job_entrypoint_carries_every_non_default_setting():
-    cfg = _config("s3://b/ds", "s3://b/m.pt", {"bits": 16, "codewords": 16, "use_gpu": True, "epochs": 3,
-                                               "train_splits": ("train",)})
+    cfg = RayTrainConfig(dataset="s3://b/ds", model_url="s3://b/m.pt", bits=16, codewords=16, use_gpu=True, epochs=3,
+                         train_splits=("train",))
     args = _cli_args(cfg)
     assert args[:4] == ["opqn", "train", "s3://b/ds", "s3://b/m.pt"]
     assert {"--bits", "--codewords", "--use-gpu", "--epochs", "--train-splits"} <= set(args)
@@ -67,6 +92,7 @@ def test_nightly_encode_deployment_runs_on_a_cron_schedule(prefect_stack, monkey
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "0 2 * * *" in shown.stdout
     assert "s3://bucket/gallery" in shown.stdout
+    assert "'limit': 1" in shown.stdout and "ENQUEUE" in shown.stdout, shown.stdout  # one writer run at a time
 
 
 def test_encode_flow_rejects_unknown_options(tmp_path):

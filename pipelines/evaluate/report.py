@@ -150,3 +150,10 @@ def write_report(report_dir: str | os.PathLike, results: list[dict], context: di
     for key, data in contents.items():
         files.write_bytes_atomic(paths[key], data)
     return paths
+
+
+def read_report_markdown(report_dir: str, storage_options: dict | None = None) -> str:
+    """report.md of a report folder written by ``write_report`` (for Prefect's artifacts)."""
+    from storage import files, urls
+
+    return files.read_all(urls.join(report_dir, "report.md"), storage_options).decode()
