@@ -67,11 +67,19 @@ _FIXES = [
 
 
 def _cause(exc: BaseException) -> BaseException:
-    """The user's exception inside a Ray task error (Ray wraps a task's exception with the remote traceback)."""
-    seen = set()
-    while getattr(exc, "cause", None) is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc = exc.cause
+    """The user's exception inside the engines' wrappers: a Ray task error (``cause``), a Ray
+    Train run that failed on its workers (``worker_failures``, the lowest rank's) or its
+    controller (``controller_failure``), a worker's exception with its traceback (``_base_exc``)."""
+    for _ in range(10):
+        failures = getattr(exc, "worker_failures", None)
+        if isinstance(failures, dict) and failures:
+            inner = failures[min(failures)]
+        else:
+            inner = next((getattr(exc, a) for a in ("controller_failure", "_base_exc", "cause")
+                          if isinstance(getattr(exc, a, None), BaseException)), None)
+        if inner is None or inner is exc:
+            break
+        exc = inner
     return exc
 
 

@@ -65,3 +65,26 @@ def test_user_errors_name_a_fix_and_bugs_keep_their_traceback(tmp_path):
     assert user_error(ValueError("bits=7 (want a multiple of log2(K))")) == "bits=7 (want a multiple of log2(K))"
     assert user_error(KeyError("x")) is None and user_error(RuntimeError("bug")) is None
     assert main(["gallery", "info", str(tmp_path / "nowhere")]) == 1
+
+
+def test_errors_inside_ray_train_and_ray_tasks_are_unwrapped():
+    """Ray Train reports a worker's exception inside its own wrappers; the line names the user's error."""
+
+    class WorkerException(Exception):  # the shapes of Ray Train's WorkerGroupError / UserExceptionWithTraceback
+        def __init__(self, base):
+            super().__init__("Traceback (most recent call last):\n  ...")
+            self._base_exc = base
+
+    class WorkerGroupError(Exception):
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors:\n...")
+            self.worker_failures = failures
+
+    small = ValueError("no training batch reached the workers: lower --batch-size")
+    assert user_error(WorkerGroupError({1: RuntimeError("other"), 0: WorkerException(small)})) == str(small)
+
+    class TaskError(Exception):
+        cause = FileNotFoundError("source folder not found: s3://b/photos")
+
+    assert user_error(TaskError("remote traceback\n...")) == "source folder not found: s3://b/photos"
+    assert user_error(WorkerGroupError({0: WorkerException(KeyError("bug"))})) is None
