@@ -88,3 +88,9 @@ def test_errors_inside_ray_train_and_ray_tasks_are_unwrapped():
 
     assert user_error(TaskError("remote traceback\n...")) == "source folder not found: s3://b/photos"
     assert user_error(WorkerGroupError({0: WorkerException(KeyError("bug"))})) is None
+
+
+def test_refusing_s3_is_one_line_naming_the_credentials(s3_bucket):
+    line = one_error_line(opqn("gallery", "info", f"{s3_bucket}/gallery", env={"AWS_SECRET_ACCESS_KEY": "wrong"}),
+                          "gallery info")
+    assert "AWS_ACCESS_KEY_ID" in line and "wrong" not in line
