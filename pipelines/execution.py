@@ -24,8 +24,9 @@ _CACHE: dict = {}
 
 # Ray's own chatter in the worker output it forwards to the driver's console: Ray Train's
 # start-up and per-report lines (each worker's whole metrics dict every epoch; the job prints
-# its own epoch line), and the placement-group cleaner's "State API unavailable" warning, which
-# repeats every second without a dashboard. Dropped unless OPQN_VERBOSE is set (`--verbose`).
+# its own epoch line), the placement-group cleaner's "State API unavailable" warning, which
+# repeats every second without a dashboard, and Ray Data's notice that the progress bars
+# start_ray turned off are off. Dropped unless OPQN_VERBOSE is set (`--verbose`).
 ENGINE_NOISE = "|".join([
     r"Failed to query Ray Train Controller actor state",
     r"has constructor arguments in the object store and max_restarts",
@@ -37,6 +38,7 @@ ENGINE_NOISE = "|".join([
     r"Moving model to device: ",
     r"Wrapping provided model in DistributedDataParallel",
     r"Reporting training result \d+: TrainingReport\(",
+    r"Progress bars (for operators )?disabled\. To enable",
 ])
 
 
@@ -52,8 +54,10 @@ def quiet_engines() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", ENGINE_NOISE)
     if not (hasattr(sys.stdout, "isatty") and sys.stdout.isatty()):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    # "token authentication is enabled": the safe default, said on every start
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # "token authentication is enabled": the safe default, said on every start; "progress bars
+    # disabled": start_ray turns them off on purpose (the stages print their own progress)
+    for name in ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 quiet_engines()
