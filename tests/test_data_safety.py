@@ -344,3 +344,68 @@ def test_compaction_keeps_the_order_of_equal_score_ties(tmp_path):
         ["s0-f0", "s0-f2", "s0-f3"]
     for code, feat in zip(g.shards, g.features):  # paired shards kept their pairing and place
         assert feat.path.rsplit("/", 1)[-1] == code.path.rsplit("/", 1)[-1]
+
+
+# --------------------------------------------------------------------------- forget + vacuum
+
+def prepared_dataset(faces, dataset: str) -> None:
+    """The module's faces as `opqn prepare` lists them: three shards, each with its sources records."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(faces / "faces").to_pylist()
+    for s in range(3):
+        part = rows[s::3]
+        sources = [{"source": r["source"], "identity": r["identity"], "content_hash": r["face_id"][:-2] + "f" * 44,
+                    "split": r["split"], "faces": 1, "reason": None} for r in part]
+        face_format.commit_shard(dataset, face_format.write_shard(dataset, part, [], sources), {"size": 40})
+
+
+def every_parquet_cell(root: str):
+    """(url, column, value) of every string or binary cell of every Parquet file under ``root``."""
+    fs, base = urls.resolve(root)
+    for path in fs.find(base):
+        if path.endswith(".parquet"):
+            rel = path[len(base.rstrip("/")) + 1:]
+            t = read_table(urls.join(root, rel))
+            for name in t.column_names:
+                if pa.types.is_string(t.schema.field(name).type) or pa.types.is_binary(t.schema.field(name).type):
+                    for value in t.column(name).to_pylist():
+                        yield rel, name, value
+
+
+def test_forget_then_vacuum_leaves_no_byte_of_the_faces(faces, model_url, root):
+    from pipelines.cli import main
+    from storage.vacuum import vacuum
+
+    dataset, gallery, older = (urls.join(root, n) for n in ("ds", "gallery", "gallery-older-model"))
+    prepared_dataset(faces, dataset)
+    cfg = EncodeConfig(batch_size=8, executor="local")
+    encode_gallery(model_url, dataset, older, cfg)
+    encode_gallery(model_url, dataset, gallery, EncodeConfig(batch_size=8, executor="local", store_features=True))
+    table = face_format.read_faces(dataset, ["face_id", "identity", "image"])
+    who = table.column("identity")[0].as_py()
+    gone = {f for f, i in zip(table.column("face_id").to_pylist(), table.column("identity").to_pylist()) if i == who}
+    crops = {img for img, i in zip(table.column("image").to_pylist(), table.column("identity").to_pylist()) if i == who}
+    assert len(gone) == 6
+
+    assert main(["forget", dataset, "--identities", who, "--json"]) == 0
+    assert not gone & set(listed_face_ids(dataset))
+    for g in (gallery, older):  # queries stop returning them at once: not even tombstoned, compacted away
+        ids = gallery_face_ids(g)
+        assert len(ids) == 18 and not gone & set(ids) and not require_gallery(g).tombstones
+    assert [e["faces"] for e in mf.read_manifest(dataset).metadata["erasures"]] == [6]
+
+    time.sleep(1.1)  # S3 stamps whole seconds
+    for url in (dataset, gallery, older):
+        assert main(["vacuum", url, "--older-than", "0.5"]) == 0
+    leftovers = [(rel, col) for rel, col, v in every_parquet_cell(root) if v in gone or v in crops]
+    assert leftovers == []
+
+    # nothing brings them back: an incremental encode, and a new model's fresh gallery
+    again = encode_gallery(model_url, dataset, gallery, EncodeConfig(batch_size=8, executor="local",
+                                                                     store_features=True))
+    assert again["sources_encoded"] == 0 and len(gallery_face_ids(gallery)) == 18
+    fresh = urls.join(root, "gallery-new-model")
+    encode_gallery(model_url, dataset, fresh, cfg)
+    assert len(gallery_face_ids(fresh)) == 18 and not gone & set(gallery_face_ids(fresh))
+    assert fresh in mf.read_manifest(dataset).metadata["galleries"]

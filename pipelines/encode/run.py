@@ -24,6 +24,7 @@ from pipelines.encode.encoder import EncodeJob, encode_source, model_state
 from pipelines.encode.refine import prepare_refine
 from pipelines.execution import EXECUTORS, run_tasks, start_ray
 from pipelines.formats.checkpoint import load_checkpoint, require_opqn
+from pipelines.formats.face_erasure import encoded_key, record_gallery, replaced_keys
 from pipelines.formats.faces import face_shards, read_face_columns
 from pipelines.formats.gallery import gallery_metadata, open_gallery
 from pipelines.formats.gallery_writer import commit_sources
@@ -85,10 +86,12 @@ def plan(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig):
         gallery.check_features(cfg.store_features)
         gallery.check_refine(cfg.refine_bytes)
     done = gallery.encoded_sources if gallery else {}
+    replaced = replaced_keys(dataset)  # face shards an erasure rewrote: encoded if their original was
     todo, stale = [], []
     for url, key, fingerprint in face_shards(dataset):
         if key not in done:
-            todo.append((url, key, fingerprint))
+            if encoded_key(key, done, replaced) is None:
+                todo.append((url, key, fingerprint))
         elif done[key] != fingerprint:
             stale.append(key)
     if stale:
@@ -119,6 +122,7 @@ def encode_gallery(model_url: str, dataset: str, gallery_url: str, cfg: EncodeCo
 def _encode(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig, out, held: lease.Lease) -> dict:
     """``encode_gallery`` while holding the gallery's writer lease."""
     t0 = time.monotonic()
+    record_gallery(dataset, gallery_url)  # before reading the dataset: an erasure must find this gallery
     state, gallery, todo, expected = plan(model_url, dataset, gallery_url, cfg)
     skipped = len(gallery.encoded_sources) if gallery else 0
     summary = {"gallery": gallery_url, "model_id": state["model_id"], "sources_encoded": 0,
