@@ -153,12 +153,12 @@ def query_inputs(model, images, batch_size: int) -> tuple[np.ndarray, np.ndarray
     return tables, features
 
 
-
 def block_queries(cfg: QueryConfig, size: int, M: int, K: int, D: int) -> int:
     """Queries per block: ``cfg.query_block``, or what ``cfg.memory_mb`` holds at about
     3 S^2 bytes of decoded crop, 2 x 4 M K of table (the driver's and the object store's copy),
     8 D of features and 4 x 64 bytes per top-k row (a task's result, the running merge, the
     block's results and its Parquet buffer) per query.
+
     A block is a whole number of ``cfg.batch_size`` forward batches (rounded down; a block
     smaller than one batch is embedded as one batch of its size): the forward pass's float
     rounding depends on the batch a query is in, so whole batches keep every query's table, and
