@@ -409,3 +409,25 @@ def test_forget_then_vacuum_leaves_no_byte_of_the_faces(faces, model_url, root):
     encode_gallery(model_url, dataset, fresh, cfg)
     assert len(gallery_face_ids(fresh)) == 18 and not gone & set(gallery_face_ids(fresh))
     assert fresh in mf.read_manifest(dataset).metadata["galleries"]
+
+
+def test_a_gallery_delete_lasts_even_before_the_face_is_encoded(faces, model_url, tmp_path):
+    import pyarrow.parquet as pq
+
+    gallery = str(tmp_path / "gallery")
+    encode_gallery(model_url, str(faces), gallery, EncodeConfig(batch_size=8, executor="local", max_sources=1))
+    encoded = set(gallery_face_ids(gallery))
+    everyone = set(pq.read_table(faces / "faces").column("face_id").to_pylist())
+    later, now = sorted(everyone - encoded)[:2], sorted(encoded)[:1]
+    result = delete_faces(gallery, later + now)
+    assert result["unknown"] == later and result["deleted"] == 1
+    encode_gallery(model_url, str(faces), gallery, EncodeConfig(batch_size=8, executor="local"))
+    assert not set(later) & set(gallery_face_ids(gallery))  # the next encode did not add them
+    compact(gallery)  # drops the tombstones, keeps the erasure record
+    encode_gallery(model_url, str(faces), gallery, EncodeConfig(batch_size=8, executor="local"))
+    assert set(gallery_face_ids(gallery)) == everyone - set(later) - set(now)
+    from storage.vacuum import vacuum
+
+    time.sleep(1.1)
+    vacuum(gallery, older_than=0.5)  # the superseded shard and the tombstones
+    assert not [v for _, _, v in every_parquet_cell(gallery) if v in later + now]  # the record holds hashes only

@@ -66,7 +66,8 @@ def run_delete(args) -> int:
         raise ValueError("no face ids given: use --face-ids ID ... or --from-file FILE")
     result = delete_faces(args.gallery, ids)
     if result["unknown"]:
-        print(f"warning: {len(result['unknown'])} face id(s) not in {args.gallery}: {result['unknown'][:5]}", file=sys.stderr)
+        print(f"warning: {len(result['unknown'])} face id(s) not in {args.gallery} (yet): {result['unknown'][:5]}; "
+              "recorded as deleted, so no later encode adds them", file=sys.stderr)
     print(json.dumps(result) if args.json else
           f"{result['deleted']} face(s) deleted from {args.gallery} ({result['already_deleted']} already deleted)")
     return 0

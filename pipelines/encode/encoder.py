@@ -27,7 +27,7 @@ from model.features import embed, normalized_feature
 from pipelines.execution import process_cached
 from pipelines.formats.checkpoint import model_from_checkpoint, stored_size
 from pipelines.formats.faces import decode_face, read_face_columns
-from pipelines.formats.gallery import code_numpy_dtype, read_quantizer
+from pipelines.formats.gallery import code_numpy_dtype, face_id_hash, read_quantizer
 from pipelines.formats.gallery_writer import write_source
 from storage.manifest import FileEntry
 
@@ -52,6 +52,7 @@ class EncodeJob:
     store_features: bool
     refine_quantizer: dict | None = None  # manifest entry of the gallery's refine quantizer file
     model_id: str = ""  # the model the driver planned with (and will commit as the gallery's model)
+    erased: frozenset = frozenset()  # face_id_hash of the faces deleted from the gallery: never encoded
 
 
 class NonFiniteFeaturesError(ValueError):
@@ -100,6 +101,9 @@ def encode_source(source: tuple, state: dict, job: EncodeJob) -> tuple[list[File
     table = read_face_columns([url], ("face_id", "identity", "split", "image"))
     if job.splits:
         table = table.filter(np.isin(np.asarray(table.column("split").to_pylist(), dtype=object), list(job.splits)))
+    if job.erased:  # deleted from this gallery (maybe before it was ever encoded): skipped for good
+        table = table.filter(np.asarray([face_id_hash(f) not in job.erased
+                                         for f in table.column("face_id").to_pylist()], dtype=bool))
     face_ids = np.asarray(table.column("face_id").to_pylist(), dtype=object)
     identities = np.asarray(table.column("identity").to_pylist(), dtype=object)
     images = table.column("image")

@@ -26,7 +26,7 @@ from pipelines.execution import EXECUTORS, run_tasks, start_ray
 from pipelines.formats.checkpoint import load_checkpoint, require_opqn
 from pipelines.formats.face_erasure import encoded_key, record_gallery, replaced_keys
 from pipelines.formats.faces import face_shards, read_face_columns
-from pipelines.formats.gallery import gallery_metadata, open_gallery
+from pipelines.formats.gallery import erased_hashes, gallery_metadata, open_gallery
 from pipelines.formats.gallery_writer import commit_sources
 from pipelines.progress import Progress, format_seconds
 from storage import lease, urls
@@ -141,6 +141,7 @@ def _encode(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig, o
     job = EncodeJob(gallery_url=gallery_url, splits=tuple(cfg.splits), batch_size=cfg.batch_size,
                     shard_rows=cfg.shard_rows, threads=cfg.threads_per_actor if cfg.executor == "ray" else 0,
                     use_gpu=cfg.use_gpu, store_features=cfg.store_features, model_id=state["model_id"],
+                    erased=erased_hashes(gallery_url) if gallery else frozenset(),
                     refine_quantizer=refine.quantizer if refine else None)
     total = sum(expected.values())
     print(f"encode: {total} faces in {len(todo)} new source shard(s) of {dataset} -> {gallery_url} "

@@ -18,6 +18,9 @@ groups holding candidates), listed in the same commit and removed together by co
 trained by the gallery's first encode and reused by every later one and by queries.
 ``<gallery>/tombstones/part-*.parquet``: face_id of deleted faces (until compaction).
 ``<gallery>/rejects/part-*.parquet``: face_id, source, reason of faces encode could not decode.
+``<gallery>/erased/part-*.parquet``: face_id_sha256 of every face ever deleted (``face_id_hash``),
+kept through compaction, so a later encode never adds a deleted face again (even one deleted
+before it was encoded); it names faces by hash, not id, since it outlives their data.
 ``<gallery>/manifest.json`` (storage.manifest) lists every file; its metadata holds the kind,
 the format version, the model id, D, M, K, the codebook scheme, the source shards already
 encoded (source key -> fingerprint: the watermark of incremental runs), in a gallery with
@@ -53,6 +56,7 @@ FEATURES_DIR = "features"
 REFINE_DIR = "refine"
 REJECTS_DIR = "rejects"
 QUANTIZER_DIR = "quantizer"
+ERASED_DIR = "erased"
 FEATURES_META = {"dtype": "float16", "normalized": True}  # the manifest's "features" entry
 # Rows per Parquet row group of a feature (or refine) shard: re-ranking reads only the row groups
 # that hold candidates, so a task holds at most this many features at once (8 MiB at D = 1024).
@@ -86,6 +90,7 @@ def refine_schema(B: int) -> pa.Schema:
 
 
 TOMBSTONE_SCHEMA = pa.schema([("face_id", pa.string())])
+ERASED_SCHEMA = pa.schema([("face_id_sha256", pa.string())])
 REJECT_SCHEMA = pa.schema([("face_id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
 
 
@@ -328,6 +333,22 @@ def deleted_ids(gallery: Gallery, storage_options: dict | None = None) -> set[st
         for batch in iter_batches(urls.join(gallery.url, entry.path), columns=["face_id"], storage_options=storage_options):
             out.update(batch.column(0).to_pylist())
     return out
+
+
+def face_id_hash(face_id: str) -> str:
+    """How the erasure record names a face: its id's sha256 (the record outlives the face's data)."""
+    return hashlib.sha256(face_id.encode()).hexdigest()
+
+
+def erased_hashes(gallery_url: str, storage_options: dict | None = None) -> frozenset:
+    """``face_id_hash`` of every face ever deleted from the gallery: encodes skip them for good."""
+    manifest = read_manifest(gallery_url, storage_options)
+    out: set[str] = set()
+    for entry in manifest.files if manifest else ():
+        if entry.path.startswith(ERASED_DIR + "/"):
+            out.update(read_table(urls.join(gallery_url, entry.path), ["face_id_sha256"], storage_options)
+                       .column(0).to_pylist())
+    return frozenset(out)
 
 
 def read_quantizer(gallery_url: str, entry: dict, storage_options: dict | None = None) -> RefineQuantizer:

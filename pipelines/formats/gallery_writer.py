@@ -20,10 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from model.refine import NBITS, SCORING, TRANSFORM, RefineQuantizer
-from pipelines.formats.gallery import (CODES_DIR, FEATURE_ROW_GROUP, FEATURES_DIR, QUANTIZER_DIR, REFINE_DIR,
-                                       REJECT_SCHEMA, REJECTS_DIR, TOMBSTONE_SCHEMA, TOMBSTONES_DIR, Gallery,
-                                       code_schema, code_table, deleted_ids, feature_schema, feature_table,
-                                       paired_path, refine_schema, refine_table, require_gallery)
+from pipelines.formats.gallery import (CODES_DIR, ERASED_DIR, ERASED_SCHEMA, FEATURE_ROW_GROUP, FEATURES_DIR,
+                                       QUANTIZER_DIR, REFINE_DIR, REJECT_SCHEMA, REJECTS_DIR, TOMBSTONE_SCHEMA,
+                                       TOMBSTONES_DIR, Gallery, code_schema, code_table, deleted_ids, erased_hashes,
+                                       face_id_hash, feature_schema, feature_table, paired_path, refine_schema,
+                                       refine_table, require_gallery)
 from storage import files, lease, urls
 from storage.manifest import Delta, FileEntry, Manifest, commit, write_data_file
 from storage.tables import read_table, write_table
@@ -157,8 +158,10 @@ def list_files(gallery_url: str, entries, metadata: dict | None = None, storage_
 
 
 def delete_faces(gallery_url: str, face_ids: list[str]) -> dict:
-    """Tombstone ``face_ids``; ids not in the gallery are reported, not recorded. Holds the
-    gallery's writer lease (storage.lease): one writer per gallery."""
+    """Tombstone ``face_ids`` present in the gallery (queries skip them at once) and record every one
+    of them, present or not, as erased (``ERASED_DIR``: later encodes skip them for good), in one
+    commit; ids not in the gallery yet are reported as ``unknown``. Holds the gallery's writer lease
+    (storage.lease): one writer per gallery."""
     with lease.held(gallery_url, f"opqn gallery delete {gallery_url}"):
         return _delete_faces(gallery_url, face_ids)
 
@@ -171,8 +174,13 @@ def _delete_faces(gallery_url: str, face_ids: list[str]) -> dict:
     for url in gallery.shard_urls():
         ids = read_table(url, columns=["face_id"]).column("face_id")
         present.update(pc.filter(ids, pc.is_in(ids, wanted)).to_pylist())
-    if present:
-        list_files(gallery_url, [write_tombstones(gallery_url, sorted(present))])
+    new_erased = sorted({face_id_hash(f) for f in face_ids} - erased_hashes(gallery_url))
+    written = [write_tombstones(gallery_url, sorted(present))] if present else []
+    if new_erased:
+        written.append(write_data_file(gallery_url, pa.table({"face_id_sha256": new_erased}, schema=ERASED_SCHEMA),
+                                       subdir=ERASED_DIR, schema=ERASED_SCHEMA))
+    if written:
+        list_files(gallery_url, written)
     return {"deleted": len(present), "unknown": sorted(set(face_ids) - present - already),
             "already_deleted": len(set(face_ids) & already)}
 
