@@ -431,3 +431,27 @@ def test_a_gallery_delete_lasts_even_before_the_face_is_encoded(faces, model_url
     time.sleep(1.1)
     vacuum(gallery, older_than=0.5)  # the superseded shard and the tombstones
     assert not [v for _, _, v in every_parquet_cell(gallery) if v in later + now]  # the record holds hashes only
+
+
+def test_forgotten_faces_stay_out_of_a_re_prepare_and_a_retrain(lfw_dir, tmp_path):
+    from pipelines.ingest.config import IngestConfig
+    from pipelines.ingest.forget import forget
+    from pipelines.ingest.run import prepare_dataset
+
+    src = photo_tree(lfw_dir, tmp_path / "photos")
+    dataset = str(tmp_path / "ds")
+    cfg = IngestConfig(size=32, shard_size=4, executor="local", protocol="cross", unseen_fraction=0.0)
+    prepare_dataset(src, dataset, cfg)
+    table = face_format.read_faces(dataset, ["face_id", "identity"])
+    who = table.column("identity")[0].as_py()
+    gone = {f for f, i in zip(table.column("face_id").to_pylist(), table.column("identity").to_pylist()) if i == who}
+    assert forget(dataset, identities=[who])["faces"] == len(gone) > 0
+    one = sorted((tmp_path / "photos" / who).iterdir())[0]
+    (tmp_path / "photos" / "someone-new").mkdir()
+    shutil.copy(one, tmp_path / "photos" / "someone-new" / "copy.jpg")  # the same photo at another URL
+    again = prepare_dataset(src, dataset, cfg)
+    assert again.faces == 0 and not gone & set(listed_face_ids(dataset))
+    model = str(tmp_path / "m.pt")
+    train_local(TrainConfig(data=dataset, model_url=model, bits=16, codewords=16, dim=64, width=0.125, epochs=1,
+                            batch_size=8, seed=0), evaluate=False)
+    assert who not in load_checkpoint(model)["classes"]
