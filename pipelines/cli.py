@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 import traceback
 
@@ -66,6 +67,10 @@ _FIXES = [
 ]
 
 
+# words of a message that already names its fix
+_HINTS = re.compile(r"\b(check|set|pass|run|use|give|remove|choose|lower|raise)\b|`opqn ")
+
+
 def _cause(exc: BaseException) -> BaseException:
     """The user's exception inside the engines' wrappers: a Ray task error (``cause``), a Ray
     Train run that failed on its workers (``worker_failures``, the lowest rank's) or its
@@ -102,11 +107,12 @@ def user_error(exc: BaseException) -> str | None:
         text = f"{exc.strerror}: {exc.filename}"  # not "[Errno 2] ..."
     if _is_engine_connection_error(exc):
         return f"{text}; check AWS_ENDPOINT_URL / the service address, the credentials, and that it is up"
-    # our own errors say what to do; raw OS errors ("Permission denied: x") and bare storage
-    # errors get the usual fix
-    if isinstance(exc, StorageError) or getattr(exc, "errno", None) is not None:
+    # raw OS errors ("Permission denied: x"), bare storage errors and "not found" messages that
+    # name no fix get the usual one; other errors of ours say what to do
+    named = bool(_HINTS.search(text))
+    if not named and (isinstance(exc, (StorageError, FileNotFoundError)) or getattr(exc, "errno", None) is not None):
         for kind, fix in _FIXES:
-            if isinstance(exc, kind) and "check " not in text:
+            if isinstance(exc, kind):
                 return f"{text}; {fix}"
     return text
 

@@ -63,6 +63,8 @@ def test_user_errors_name_a_fix_and_bugs_keep_their_traceback(tmp_path):
         "Permission denied: /x; check the permissions of the path, or the object store's credentials"
     assert "run again" in user_error(CommitConflictError("commit to m lost the race 5 times", "m"))
     assert user_error(ValueError("bits=7 (want a multiple of log2(K))")) == "bits=7 (want a multiple of log2(K))"
+    assert user_error(FileNotFoundError("face dataset not found: d")) == "face dataset not found: d; check the path or URL"
+    assert user_error(FileNotFoundError("no gallery at g: encode one with `opqn encode`")).endswith("`opqn encode`")
     assert user_error(KeyError("x")) is None and user_error(RuntimeError("bug")) is None
     assert main(["gallery", "info", str(tmp_path / "nowhere")]) == 1
 
@@ -86,7 +88,8 @@ def test_errors_inside_ray_train_and_ray_tasks_are_unwrapped():
     class TaskError(Exception):
         cause = FileNotFoundError("source folder not found: s3://b/photos")
 
-    assert user_error(TaskError("remote traceback\n...")) == "source folder not found: s3://b/photos"
+    assert user_error(TaskError("remote traceback\n...")) == \
+        "source folder not found: s3://b/photos; check the path or URL"
     assert user_error(WorkerGroupError({0: WorkerException(KeyError("bug"))})) is None
 
 
