@@ -11,7 +11,7 @@ import os
 from prefect import flow, task
 
 from flows.options import config_with_options, options_model
-from pipelines.pipeline import STAGES, PipelineConfig, run_stage, stage_urls, summary_line
+from pipelines.pipeline import STAGES, PipelineConfig, run_stage, stage_urls, summary_line, write_summary
 
 PipelineOptions = options_model(PipelineConfig, exclude=("data", "workdir"))
 
@@ -35,7 +35,9 @@ def opqn_pipeline_flow(data: str = "", workdir: str = "runs/pipeline", options: 
     results = {}
     for name, fn in STAGES:
         results[name] = task(run_stage, name=name, task_run_name=name)(name, fn, cfg, where, sys.stdout)
-    print(summary_line(results, where, time.monotonic() - t0))
+    seconds = time.monotonic() - t0
+    print(summary_line(results, where, seconds))
+    write_summary(cfg, where, results, seconds)
     publish_artifacts(where)
     return {"urls": where, "stages": results}
 

@@ -45,7 +45,7 @@ def test_stack_runs_the_pipeline_deployment_on_s3_ray_and_prefect_then_stops(tmp
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["source"] == "s3://opqn/photos" and summary["workdir"] == "s3://opqn/pipeline"
     outputs = summary["outputs"]
-    for name in ("model.pt", "results.parquet", "dataset/manifest.json", "report/metrics.json", "report/pr.png",
+    for name in ("model.pt", "summary.json", "results.parquet", "dataset/manifest.json", "report/metrics.json", "report/pr.png",
                  "viewer/index.html"):
         assert outputs.get(name, 0) > 0, f"{name} missing from {sorted(outputs)}"
     assert [n for n in outputs if n.startswith("gallery/") and n.endswith("/manifest.json")], sorted(outputs)
