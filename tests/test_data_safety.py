@@ -455,3 +455,39 @@ def test_forgotten_faces_stay_out_of_a_re_prepare_and_a_retrain(lfw_dir, tmp_pat
     train_local(TrainConfig(data=dataset, model_url=model, bits=16, codewords=16, dim=64, width=0.125, epochs=1,
                             batch_size=8, seed=0), evaluate=False)
     assert who not in load_checkpoint(model)["classes"]
+
+
+def test_compact_delete_forget_and_vacuum_refuse_a_held_gallery_or_dataset(tmp_path):
+    from test_ingest_units import face_row
+
+    from pipelines.ingest.forget import forget
+    from storage.vacuum import vacuum
+
+    gallery, dataset = str(tmp_path / "gallery"), str(tmp_path / "ds")
+    ids = [f"f{i}" for i in range(4)]
+    list_files(gallery, write_code_shard(gallery, code_table(ids, [None] * 4, np.zeros((4, 4), np.uint8), 4, 16)),
+               gallery_metadata("m", 8, 4, 16, "dct-orthonormal", {}))
+    rows = [face_row("a-0", "database")]
+    sources = [{"source": r["source"], "identity": "p", "content_hash": "h", "split": "database", "faces": 1,
+                "reason": None} for r in rows]
+    face_format.commit_shard(dataset, face_format.write_shard(dataset, rows, [], sources), {"size": 24})
+    holders = {url: lease.acquire(url, f"a job on {url}", heartbeat=False) for url in (gallery, dataset)}
+    failures = []
+
+    def attempt(fn, *args):
+        try:
+            fn(*args)
+        except lease.LeaseHeldError as exc:
+            failures.append(str(exc))
+
+    try:
+        for fn, args in ((compact, (gallery,)), (delete_faces, (gallery, ["f1"])), (vacuum, (gallery, 0)),
+                         (forget, (dataset, ["p"])), (vacuum, (dataset, 0))):
+            t = threading.Thread(target=attempt, args=(fn, *args))
+            t.start()
+            t.join()
+    finally:
+        for held in holders.values():
+            held.release()
+    assert len(failures) == 5 and all("being written by another job" in f for f in failures)
+    assert sorted(gallery_face_ids(gallery)) == ids and listed_face_ids(dataset) == ["a-0"]  # nothing changed
