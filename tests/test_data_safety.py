@@ -375,7 +375,6 @@ def every_parquet_cell(root: str):
 
 def test_forget_then_vacuum_leaves_no_byte_of_the_faces(faces, model_url, root):
     from pipelines.cli import main
-    from storage.vacuum import vacuum
 
     dataset, gallery, older = (urls.join(root, n) for n in ("ds", "gallery", "gallery-older-model"))
     prepared_dataset(faces, dataset)
