@@ -60,7 +60,7 @@ def test_any_block_size_gives_the_single_pass_results(queries, setup, tmp_path):
 def test_block_size_from_the_memory_budget():
     cfg = QueryConfig(memory_mb=100)
     per_query = 3 * 112 * 112 + 8 * 4 * 256 + 8 * 512 + 4 * 64 * 100
-    assert block_queries(cfg, 112, 4, 256, 512) == 100 * 2**20 // per_query // 256 * 256
+    assert block_queries(cfg, 112, 4, 256, 512) == 100 * 2**20 // (2 * per_query) // 256 * 256  # two blocks held
     assert block_queries(QueryConfig(memory_mb=200), 112, 4, 256, 512) > block_queries(cfg, 112, 4, 256, 512)
     assert block_queries(QueryConfig(query_block=7), 112, 4, 256, 512) == 7  # under one batch: as asked
     assert block_queries(QueryConfig(query_block=700), 112, 4, 256, 512) == 512  # whole batches of 256

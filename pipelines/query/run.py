@@ -9,8 +9,9 @@
    crop ``cfg.crop_fraction``; the query id is ``identity/photo.jpg``). One table (M x K) per
    query: ``model.tables_from_features(embed(...))``. No queries: an empty result and a warning.
    Queries go in blocks (``pipelines.query.source``) of ``cfg.query_block`` queries, or as many
-   as ``cfg.memory_mb`` holds (``block_queries``): each block is read, embedded, scanned and
-   written before the next is read, so memory does not grow with the number of queries. A
+   as ``cfg.memory_mb`` holds (``block_queries``): each block is scanned and written while the
+   next one is read and embedded (in a thread), and no block is held longer, so memory does not
+   grow with the number of queries. A
    block's tables and tombstones go to the object store once (``execution.run_tasks``'s
    ``shared``) and every scan task of the block reads them there. At most ``MAX_TOP_K``
    results (or re-rank candidates) per query.
@@ -40,6 +41,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -157,13 +159,15 @@ def block_queries(cfg: QueryConfig, size: int, M: int, K: int, D: int) -> int:
     """Queries per block: ``cfg.query_block``, or what ``cfg.memory_mb`` holds at about
     3 S^2 bytes of decoded crop, 2 x 4 M K of table (the driver's and the object store's copy),
     8 D of features and 4 x 64 bytes per top-k row (a task's result, the running merge, the
-    block's results and its Parquet buffer) per query.
+    block's results and its Parquet buffer) per query, for two blocks: the one being scanned
+    and the next one, read and embedded meanwhile.
 
     A block is a whole number of ``cfg.batch_size`` forward batches (rounded down; a block
     smaller than one batch is embedded as one batch of its size): the forward pass's float
     rounding depends on the batch a query is in, so whole batches keep every query's table, and
     with it the results, the same whatever the block size and wherever a resumed job starts."""
-    n = cfg.query_block or cfg.memory_mb * 2**20 // (3 * size * size + 8 * M * K + 8 * D + 4 * 64 * cfg.depth)
+    per_query = 3 * size * size + 8 * M * K + 8 * D + 4 * 64 * cfg.depth
+    n = cfg.query_block or cfg.memory_mb * 2**20 // (2 * per_query)  # the block scanned and the next one read
     if n >= cfg.batch_size:
         n -= n % cfg.batch_size
     return max(1, n)
@@ -237,19 +241,31 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
     settings = ScanSettings(cfg.depth, cfg.kernel, storage_options,
                             threads=cfg.threads_per_task if cfg.executor == "ray" else 0)
 
+    def embedded():
+        for qblock in source.blocks(start, block):
+            yield (qblock, *query_inputs(model, qblock.images, min(cfg.batch_size, block)))
+
     def answered():
-        """(block, its result table), block by block: one block's queries in memory at a time."""
-        for b, qblock in enumerate(source.blocks(start, block)):
-            tables, features = query_inputs(model, qblock.images, min(cfg.batch_size, block))
-            t_scan = time.monotonic()
-            label = "query" if n_blocks == 1 else f"query {b + 1}/{n_blocks}"
-            best = scan_block(tables, features, groups, deleted, settings, cfg, quantizer,
-                              Progress(len(shards), "shards", label, cfg.progress_interval, out), run["nodes"])
-            run["scan_seconds"] += time.monotonic() - t_scan
-            run["queries"] += len(qblock.ids)
-            run["blocks"] += 1
-            add_ids(hasher, qblock.all_ids)
-            yield qblock, results_table(best, qblock.ids)
+        """(block, its result table), block by block; the next block is read and embedded in a
+        thread while this one is scanned, so at most two blocks' queries are in memory."""
+        with ThreadPoolExecutor(1) as pool:
+            blocks = embedded()
+            ahead, b = pool.submit(next, blocks, None), 0
+            while (item := ahead.result()) is not None:
+                ahead = pool.submit(next, blocks, None)
+                yield scanned(b, *item)
+                b += 1
+
+    def scanned(b, qblock, tables, features):
+        t_scan = time.monotonic()
+        label = "query" if n_blocks == 1 else f"query {b + 1}/{n_blocks}"
+        best = scan_block(tables, features, groups, deleted, settings, cfg, quantizer,
+                          Progress(len(shards), "shards", label, cfg.progress_interval, out), run["nodes"])
+        run["scan_seconds"] += time.monotonic() - t_scan
+        run["queries"] += len(qblock.ids)
+        run["blocks"] += 1
+        add_ids(hasher, qblock.all_ids)
+        return qblock, results_table(best, qblock.ids)
 
     if dataset is None:
         rows = write_results_file(results_url, (r for _, r in answered()), storage_options)
