@@ -177,6 +177,23 @@ def test_bad_inputs_name_the_input(dataset, report_dir, tmp_path):
     assert not os.path.exists(out)
 
 
+def test_results_dataset_gives_the_same_page_as_one_file(dataset, tmp_path):
+    """`opqn query` into a folder writes a results dataset (one committed file per query block)."""
+    from storage import manifest as mf
+
+    root, faces = dataset
+    make_results(faces, tmp_path / "r.parquet")
+    table = pq.read_table(tmp_path / "r.parquet")
+    folder = str(tmp_path / "results")
+    half = table.num_rows // 2
+    entries = [mf.write_data_file(folder, part, subdir="blocks") for part in (table.slice(0, half), table.slice(half))]
+    mf.commit(folder, mf.Delta(add=tuple(entries)))
+    one = viewer.write_viewer(str(root), str(tmp_path / "r.parquet"), None, str(tmp_path / "a.html"), top_k=TOP_K)
+    two = viewer.write_viewer(str(root), folder, None, str(tmp_path / "b.html"), top_k=TOP_K)
+    assert one["queries"] == two["queries"] > 0 and one["images"] == two["images"]
+    assert Page((tmp_path / "a.html").read_text()).results == Page((tmp_path / "b.html").read_text()).results
+
+
 def test_cli_subcommand(dataset, report_dir, tmp_path, capsys):
     root, faces = dataset
     make_results(faces, tmp_path / "r.parquet")

@@ -49,14 +49,20 @@ def results_table(best: pa.Table, query_ids: list[str]) -> pa.Table:
                      "face_id": best.column("face_id"), "score": best.column("score")}, schema=RESULT_SCHEMA)
 
 
-def read_results(results_url: str, storage_options: dict | None = None) -> pa.Table:
-    """Every result row of a results file or dataset (committed blocks, in query order)."""
+def result_files(results_url: str, storage_options: dict | None = None) -> list[str]:
+    """The Parquet files holding the results: the file itself, or a results dataset's
+    committed blocks in query order (for readers that stream instead of ``read_results``)."""
     if is_single_file(results_url):
-        return read_table(results_url, storage_options=storage_options)
+        return [results_url]
     manifest = mf.read_manifest(results_url, storage_options)
     if manifest is None:
         raise FileNotFoundError(f"no query results at {results_url} (no manifest.json)")
-    parts = [read_table(mf.file_url(results_url, e), storage_options=storage_options) for e in manifest.files]
+    return [mf.file_url(results_url, e) for e in manifest.files]
+
+
+def read_results(results_url: str, storage_options: dict | None = None) -> pa.Table:
+    """Every result row of a results file or dataset (committed blocks, in query order)."""
+    parts = [read_table(url, storage_options=storage_options) for url in result_files(results_url, storage_options)]
     return pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table()
 
 

@@ -79,38 +79,43 @@ def write_viewer(dataset: str, results: str, report_dir: str | None, out: str, *
 
 def read_results(results: str, max_queries: int, top_k: int, storage_options: dict | None = None) -> dict:
     """``{query_id: [(face_id, rank, score), ...]}`` for the first ``max_queries`` query ids
-    (sorted) and their ranks below ``top_k``, best first. Two streaming passes over the file
-    (ids, then the chosen rows), so a result file of many queries is never loaded whole."""
+    (sorted) and their ranks below ``top_k``, best first, from a results file or dataset. Two
+    streaming passes (ids, then the chosen rows), so results of many queries are never loaded whole."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from pipelines.query.results import is_single_file, result_files
     from storage import files
     from storage.tables import iter_batches, read_schema
 
-    if not files.exists(results, storage_options):
+    if is_single_file(results) and not files.exists(results, storage_options):
         raise FileNotFoundError(f"query results not found: {results} (write them with `opqn query`)")
-    try:
-        schema = read_schema(results, storage_options)
-    except pa.ArrowInvalid as exc:
-        raise ValueError(f"query results {results} are not a Parquet file: {exc}") from exc
-    missing = [c for c in RESULT_COLUMNS if c not in schema.names]
-    if missing:
-        raise ValueError(f"query results {results} lack columns {missing}: expected {list(RESULT_COLUMNS)} "
-                         f"as written by `opqn query`, found {schema.names}")
+    parts = result_files(results, storage_options)
+    for part in parts:
+        try:
+            schema = read_schema(part, storage_options)
+        except pa.ArrowInvalid as exc:
+            raise ValueError(f"query results {part} are not a Parquet file: {exc}") from exc
+        missing = [c for c in RESULT_COLUMNS if c not in schema.names]
+        if missing:
+            raise ValueError(f"query results {part} lack columns {missing}: expected {list(RESULT_COLUMNS)} "
+                             f"as written by `opqn query`, found {schema.names}")
     ids: set = set()
-    for batch in iter_batches(results, ["query_id"], storage_options=storage_options):
-        ids.update(pc.unique(batch.column(0)).to_pylist())
+    for part in parts:
+        for batch in iter_batches(part, ["query_id"], storage_options=storage_options):
+            ids.update(pc.unique(batch.column(0)).to_pylist())
     ids.discard(None)
     if not ids:
         raise ValueError(f"query results {results} hold no queries")
     chosen = sorted(ids)[:max_queries]
     wanted = pa.array(chosen, pa.string())
     ranked: dict = {q: [] for q in chosen}
-    for batch in iter_batches(results, list(RESULT_COLUMNS), storage_options=storage_options):
-        keep = pc.and_(pc.is_in(batch.column("query_id"), value_set=wanted), pc.less(batch.column("rank"), top_k))
-        keep = pc.and_(keep, pc.is_valid(batch.column("face_id")))
-        for row in batch.filter(keep).to_pylist():
-            ranked[row["query_id"]].append((row["face_id"], int(row["rank"]), row["score"]))
+    for part in parts:
+        for batch in iter_batches(part, list(RESULT_COLUMNS), storage_options=storage_options):
+            keep = pc.and_(pc.is_in(batch.column("query_id"), value_set=wanted), pc.less(batch.column("rank"), top_k))
+            keep = pc.and_(keep, pc.is_valid(batch.column("face_id")))
+            for row in batch.filter(keep).to_pylist():
+                ranked[row["query_id"]].append((row["face_id"], int(row["rank"]), row["score"]))
     for rows in ranked.values():
         rows.sort(key=lambda r: r[1])
     return ranked
