@@ -81,7 +81,22 @@ def s3_bucket(s3_server):
 
 
 # --- Ray fixtures ----------------------------------------------------------------------
-# Starting Ray costs seconds; one two-node cluster serves every test module that needs one.
+# Starting Ray costs seconds: one in-process Ray and one two-node cluster serve every test
+# module that needs one. Modules use them, never start or stop Ray themselves.
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """In-process Ray for the stage functions (what `start_ray` starts without RAY_ADDRESS),
+    started after the S3 server so its workers see the S3 endpoint."""
+    import ray
+
+    from pipelines.execution import start_ray
+
+    ray.shutdown()
+    start_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real two-node Ray cluster on 127.0.0.1 (head + one extra node, 2 CPUs each); yields

@@ -25,11 +25,7 @@ from storage.tables import read_table
 CFG = EncodeConfig(batch_size=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    yield
-    import ray
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def make_model(data, url, seed=0):

@@ -23,20 +23,6 @@ from storage import manifest as mf
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        # address="local": a private instance, never a cluster another test started with `ray start`
-        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-        started = True
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def lfw_people(lfw_dir: Path, min_photos: int, count: int, skip: int = 0) -> list[Path]:
     """``count`` LFW identity folders with at least ``min_photos`` photos (sorted, deterministic)."""
     out = []

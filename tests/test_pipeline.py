@@ -31,17 +31,7 @@ def photo_tree(lfw_dir: Path, dest: Path, identities: int, photos: int, small: i
     return dest
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    started = not ray.is_initialized()
-    yield
-    if started and ray.is_initialized():
-        ray.shutdown()
-
-
-def test_pipeline_end_to_end_then_rerun_does_only_the_cheap_stages(tmp_path, lfw_dir, ray_session, monkeypatch):
+def test_pipeline_end_to_end_then_rerun_does_only_the_cheap_stages(tmp_path, lfw_dir, ray_local, monkeypatch):
     data = photo_tree(lfw_dir, tmp_path / "photos", identities=5, photos=10, small=2)
     monkeypatch.chdir(tmp_path)  # a relative work folder: Ray Train's workers run in folders of their own
     cfg = PipelineConfig(data=str(data), workdir="work", **TINY)

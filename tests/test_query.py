@@ -85,18 +85,6 @@ def queries(lfw_dir, tmp_path_factory):
     return str(write_face_dataset(tmp_path_factory.mktemp("query-faces"), lfw_dir, identities=5, photos=3, size=40))
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from pipelines.execution import start_ray
-
-    ray.shutdown()
-    start_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 LOCAL = dict(executor="local", progress_interval=0.0)
 
 
@@ -275,19 +263,13 @@ def test_prefect_flow_calls_the_pipeline(queries, tmp_path):
         query_batch_flow.fn(model_url, gallery, queries, str(out), options={"topk": 3})
 
 
-def test_s3_gallery_and_results_with_ray_workers(queries, tmp_path, s3_bucket):
-    import ray
-
-    ray.shutdown()  # workers must start after the S3 endpoint is in the environment
-    try:
-        model_url, model_id = make_model(tmp_path / "model.pt", 64)
-        codes = random_codes(800, 4, 64, seed=10)
-        face_ids = [f"f{i}" for i in range(800)]
-        gallery = write_gallery(f"{s3_bucket}/gallery", model_id, 64, codes, face_ids, [300, 500], tombstones=["f1"])
-        out = f"{s3_bucket}/results/r.parquet"
-        summary = query_batch(model_url, gallery, queries, out,
-                              QueryConfig(top_k=12, rows_per_task=300, progress_interval=0.0))
-        assert summary["tasks"] == 2
-        assert_same(out, brute_force(model_url, queries, codes, face_ids, 12, deleted={"f1"}))
-    finally:
-        ray.shutdown()
+def test_s3_gallery_and_results_with_ray_workers(queries, tmp_path, s3_bucket, ray_local):
+    model_url, model_id = make_model(tmp_path / "model.pt", 64)
+    codes = random_codes(800, 4, 64, seed=10)
+    face_ids = [f"f{i}" for i in range(800)]
+    gallery = write_gallery(f"{s3_bucket}/gallery", model_id, 64, codes, face_ids, [300, 500], tombstones=["f1"])
+    out = f"{s3_bucket}/results/r.parquet"
+    summary = query_batch(model_url, gallery, queries, out,
+                          QueryConfig(top_k=12, rows_per_task=300, progress_interval=0.0))
+    assert summary["tasks"] == 2
+    assert_same(out, brute_force(model_url, queries, codes, face_ids, 12, deleted={"f1"}))

@@ -15,13 +15,7 @@ from pipelines.query.source import load_queries
 from storage.tables import read_table
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    import ray
-
-    ray.shutdown()
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def test_query_a_gallery_written_by_encode(lfw_dir, tmp_path, capsys):

@@ -28,8 +28,10 @@ from storage.manifest import read_manifest
 from storage.tables import read_table
 from test_query import assert_same
 from test_rerank import (ENC, LOCAL, assert_same_for_any_grouping, dataset, delete_and_compact,  # noqa: F401
-                         encode_query_parser, model_url, paired_arrays, ray_session)
+                         encode_query_parser, model_url, paired_arrays)
 from test_rerank import brute_force as rerank_brute_force
+
+pytestmark = pytest.mark.usefixtures("ray_local")
 
 B = 8  # refine bytes: D = 64 is projected to 32 dimensions (4 per sub-quantizer), a lossy code
 REFINE = replace(ENC, refine_bytes=B)

@@ -41,13 +41,7 @@ ENC = EncodeConfig(splits=("database",), batch_size=8, shard_rows=10)
 LOCAL = dict(executor="local", progress_interval=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    import ray
-
-    ray.shutdown()
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 @pytest.fixture(scope="module")
@@ -352,27 +346,21 @@ def test_opqn_config_of_every_variant_round_trips_through_the_checkpoint(variant
 
 
 def test_s3_gallery_with_features_and_rerank_on_ray_workers(s3_bucket, dataset, model_url, tmp_path):
-    import ray
-
     from storage import urls
 
-    ray.shutdown()  # workers must start after the S3 endpoint is in the environment
-    try:
-        fs, root = urls.resolve(s3_bucket)
-        fs.put(str(dataset / "faces"), f"{root}/ds/faces", recursive=True)
-        gallery = f"{s3_bucket}/gallery"
-        cmd = [sys.executable, "-m", "pipelines.cli", "encode", model_url, f"{s3_bucket}/ds", gallery,
-               "--batch-size", "8", "--splits", "database", "--shard-rows", "10", "--store-features"]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
-        assert out.returncode == 0, out.stderr[-3000:]
-        shown = subprocess.run([sys.executable, "-m", "pipelines.cli", "gallery", "info", gallery],
-                               capture_output=True, text=True, timeout=120)
-        assert "faces: 56" in shown.stdout and "features: float16 x 64" in shown.stdout
-        assert "feature_bytes: " in shown.stdout and "feature_bytes: 0" not in shown.stdout
-        results = f"{s3_bucket}/results/r.parquet"
-        summary = query_batch(model_url, gallery, str(dataset), results,
-                              QueryConfig(top_k=4, rerank=10, rows_per_task=20, progress_interval=0.0))
-        assert summary["tasks"] > 1
-        assert_same(results, brute_force(model_url, str(dataset), gallery, k=4, R=10))
-    finally:
-        ray.shutdown()
+    fs, root = urls.resolve(s3_bucket)
+    fs.put(str(dataset / "faces"), f"{root}/ds/faces", recursive=True)
+    gallery = f"{s3_bucket}/gallery"
+    cmd = [sys.executable, "-m", "pipelines.cli", "encode", model_url, f"{s3_bucket}/ds", gallery,
+           "--batch-size", "8", "--splits", "database", "--shard-rows", "10", "--store-features"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-3000:]
+    shown = subprocess.run([sys.executable, "-m", "pipelines.cli", "gallery", "info", gallery],
+                           capture_output=True, text=True, timeout=120)
+    assert "faces: 56" in shown.stdout and "features: float16 x 64" in shown.stdout
+    assert "feature_bytes: " in shown.stdout and "feature_bytes: 0" not in shown.stdout
+    results = f"{s3_bucket}/results/r.parquet"
+    summary = query_batch(model_url, gallery, str(dataset), results,
+                          QueryConfig(top_k=4, rerank=10, rows_per_task=20, progress_interval=0.0))
+    assert summary["tasks"] > 1
+    assert_same(results, brute_force(model_url, str(dataset), gallery, k=4, R=10))
