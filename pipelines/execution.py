@@ -105,11 +105,13 @@ def cluster_gpus() -> int:
 
 
 def node_id() -> str:
-    """The Ray node a task runs on, or "local" outside Ray."""
+    """The Ray node a task runs on, or "local" for a task run in the driver (``executor="local"``),
+    even when the driver has Ray started."""
     try:
         import ray
+        from ray._private.worker import WORKER_MODE
 
-        if ray.is_initialized():
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == WORKER_MODE:
             return ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - outside a Ray worker there is no node to name
         pass

@@ -122,11 +122,14 @@ def test_ray_with_one_worker_matches_local_trainer(ray_cluster, face_dataset, tm
 
 
 @pytest.mark.parametrize("case", ["empty", "one_identity", "bad_shape", "missing"])
-def test_bad_input_fails_before_any_worker_starts(case, face_dataset, tmp_path):
+def test_bad_input_fails_before_any_worker_starts(case, face_dataset, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
-    import ray
 
+    from pipelines.train import run
     from pipelines.train.run import train
+
+    started = []
+    monkeypatch.setattr(run, "start_ray", lambda *a, **k: started.append(a))  # Ray is where workers start
 
     dataset = tmp_path / "ds"
     kw = dict(TINY)
@@ -151,4 +154,4 @@ def test_bad_input_fails_before_any_worker_starts(case, face_dataset, tmp_path):
         match = "not found"
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         train(RayTrainConfig(dataset=str(dataset), model_url=str(tmp_path / "m.pt"), epochs=1, **kw))
-    assert not ray.is_initialized()
+    assert started == []
