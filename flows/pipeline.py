@@ -1,4 +1,4 @@
-"""Prefect flow ``opqn-pipeline``: the main job, one Prefect task per stage; logic in ``pipelines.pipeline``.
+"""Prefect flow ``opqn-pipeline``: the main job, one Prefect task per stage; logic in ``pipelines.main_job``.
 
 Stages run in order in the flow's process (in-process Ray, or the cluster named by
 RAY_ADDRESS). A failed run is retried by running the flow again with the same work folder:
@@ -11,7 +11,7 @@ import os
 from prefect import flow, task
 
 from flows.options import config_with_options, options_model
-from pipelines.pipeline import STAGES, PipelineConfig, run_stage, stage_urls, summary_line, write_summary
+from pipelines.main_job.run import STAGES, PipelineConfig, run_stage, stage_urls, summary_line, write_summary
 
 PipelineOptions = options_model(PipelineConfig, exclude=("data", "workdir"))
 

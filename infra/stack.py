@@ -52,7 +52,7 @@ def run_stack(home: str, data: str = "", upload: bool = False, options: dict | N
     """Start the stack, run the opqn-pipeline deployment on it, stop the stack; returns a summary."""
     from infra import prefect_local, ray_local
     from infra.s3_server import start_s3_server
-    from pipelines.pipeline import PipelineConfig
+    from pipelines.main_job.run import PipelineConfig
 
     out = out or sys.stdout
     home_dir = Path(home).resolve()
@@ -128,7 +128,7 @@ def _pipeline_lines(log: str) -> str:
 
 
 def register(subparsers) -> None:
-    from pipelines.pipeline import PipelineConfig
+    from pipelines.main_job.run import PipelineConfig
     from pipelines.config_flags import add_config_arguments
 
     p = subparsers.add_parser("stack", help="start S3 + 2-node Ray + Prefect on 127.0.0.1, run the main job "
@@ -147,7 +147,7 @@ def register(subparsers) -> None:
 def run_cli(args) -> int:
     from dataclasses import fields
 
-    from pipelines.pipeline import PipelineConfig
+    from pipelines.main_job.run import PipelineConfig
 
     defaults = PipelineConfig()
     options = {f.name: getattr(args, f.name) for f in fields(PipelineConfig)

@@ -26,7 +26,7 @@ STAGES = [
     "pipelines.encode.cli",
     "pipelines.evaluate.cli",
     "pipelines.view.cli",
-    "pipelines.pipeline",
+    "pipelines.main_job.cli",
     "infra.stack",
 ]
 

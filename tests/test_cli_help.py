@@ -50,7 +50,7 @@ def test_every_config_field_has_one_description():
     """The flags' help comes from the field declarations, so each field must carry one."""
     from pipelines.encode.run import EncodeConfig
     from pipelines.ingest.config import IngestConfig
-    from pipelines.pipeline import PipelineConfig
+    from pipelines.main_job.run import PipelineConfig
     from pipelines.query.run import QueryConfig
     from pipelines.train.config import RayTrainConfig
     from pipelines.train.local import TrainConfig
@@ -111,7 +111,7 @@ def test_pipeline_json_prints_only_the_summary(monkeypatch, capsys):
     """The stage lines go to stderr with --json; stdout is the summary run_pipeline returns."""
     import sys
 
-    from pipelines import pipeline
+    from pipelines.main_job import run as pipeline
     from pipelines.cli import main
 
     def fake_run(cfg, out=None):

@@ -280,7 +280,7 @@ def test_documented_deployment_runs_use_real_flow_and_parameter_names():
         "query-batch": {f.name for f in fields(QueryConfig)} - {"top_k", "split"},
     }
     if (ROOT / "pipelines" / "pipeline.py").exists():
-        from pipelines.pipeline import PipelineConfig
+        from pipelines.main_job.run import PipelineConfig
 
         option_fields["opqn-pipeline"] = {f.name for f in fields(PipelineConfig)} - {"data", "workdir"}
     known = {**PENDING_DEPLOYMENTS, **deployments()}

@@ -13,7 +13,7 @@ import pytest
 
 from pipelines.formats.checkpoint import load_checkpoint
 from pipelines.formats.gallery import require_gallery
-from pipelines.pipeline import PipelineConfig, run_pipeline
+from pipelines.main_job.run import PipelineConfig, run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(min_photos=10, crop_size=40, bits=16, codewords=16, width=0.125, epochs=2, batch_size=32,

@@ -6,11 +6,11 @@ resumable as its stages: a re-run skips photos already prepared, continues train
 last checkpoint, encodes only new face shards, and redoes the cheap query, evaluate and view
 steps. Embedded defaults (local disk, in-process Ray); ``s3://`` work folders and
 ``RAY_ADDRESS`` run the same job on object storage and a cluster. The Prefect flow
-``opqn-pipeline`` (flows/pipeline.py) runs the same stage list as tasks.
+``opqn-pipeline`` (flows/pipeline.py) runs the same stage list as tasks; ``opqn pipeline``
+(main_job/cli.py) is this module's command.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 
 from pipelines.progress import format_seconds
 from pipelines.train.recipe import Recipe
-from pipelines.config_flags import add_config_arguments, add_json_flag, config_from_args
 from storage import files, urls
 
 
@@ -221,20 +220,3 @@ def run_pipeline(cfg: PipelineConfig, out=None) -> dict:
     seconds = time.monotonic() - t0
     print(summary_line(results, where, seconds), file=out, flush=True)
     return write_summary(cfg, where, results, seconds)
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "pipeline", help="the main job: prepare -> train -> encode -> query -> evaluate -> viewer, in one command",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p, PipelineConfig)
-    add_json_flag(p)
-    p.set_defaults(func=run_cli)
-
-
-def run_cli(args) -> int:
-    # with --json, stdout holds only the summary object; the stage lines go to stderr
-    summary = run_pipeline(config_from_args(PipelineConfig, args), out=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(json.dumps({k: v for k, v in summary.items() if k != "config"}, default=str))
-    return 0
