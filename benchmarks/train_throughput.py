@@ -28,12 +28,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # face-shard writer
-from face_datasets import SCHEMA, face_row, write_face_dataset  # noqa: E402
+from face_datasets import face_row, write_face_dataset  # noqa: E402
 
+from pipelines.formats.faces import write_face_file  # noqa: E402
 from pipelines.photo_folder import list_identity_folder, query_split  # noqa: E402
 from pipelines.settings import dataset_dir  # noqa: E402
 from pipelines.train.config import RayTrainConfig  # noqa: E402
@@ -51,7 +50,7 @@ def main_job_dataset(root: Path, lfw: Path, min_photos: int = 10, shards: int = 
             for (ident, path), q in zip(items, is_query)]
     (root / "faces").mkdir(parents=True, exist_ok=True)
     for s in range(shards):
-        pq.write_table(pa.Table.from_pylist(rows[s::shards], schema=SCHEMA), root / "faces" / f"part-{s:05d}.parquet")
+        write_face_file(str(root), f"part-{s:05d}.parquet", rows[s::shards])
     return root
 
 
