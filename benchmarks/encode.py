@@ -37,12 +37,8 @@ from model.opqn import OPQN, config_for_variant
 from pipelines.formats.checkpoint import save_checkpoint
 from pipelines.encode.run import EncodeConfig, encode_gallery
 from pipelines.execution import start_ray
-from pipelines.formats.faces import decode_batch
+from pipelines.formats.faces import FACE_SCHEMA, decode_batch
 from model.features import embed
-
-SCHEMA = pa.schema([("face_id", pa.string()), ("identity", pa.string()), ("source", pa.string()),
-                    ("split", pa.string()), ("image", pa.binary()), ("box", pa.list_(pa.float32(), 4)),
-                    ("landmarks", pa.list_(pa.float32(), 10)), ("det_score", pa.float32())])
 
 
 def make_model(path: str, image_size: int, width: float) -> str:
@@ -53,22 +49,24 @@ def make_model(path: str, image_size: int, width: float) -> str:
     return path
 
 
-def synthetic_dataset(root: Path, faces: int, side: int, shard_rows: int) -> Path:
-    """Random-noise crops (a pool of 512 distinct PNGs, reused) with unique face ids."""
+def synthetic_dataset(root: Path, faces: int, side: int, shard_rows: int, split: str = "database",
+                      pool_size: int = 512, prefix: str = "face-") -> Path:
+    """Random-noise crops (a pool of ``pool_size`` distinct PNGs, reused) with unique face ids,
+    all of one split, in shards of ``shard_rows`` listed by no manifest."""
     rng = np.random.default_rng(0)
     pool = []
-    for _ in range(512):
+    for _ in range(pool_size):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, format="PNG")
         pool.append(buf.getvalue())
-    (root / "faces").mkdir(parents=True)
+    (root / "faces").mkdir(parents=True, exist_ok=True)
     for s, start in enumerate(range(0, faces, shard_rows)):
         n = min(shard_rows, faces - start)
-        ids = [f"face-{start + i:09d}" for i in range(n)]
+        ids = [f"{prefix}{start + i:09d}" for i in range(n)]
         table = pa.table({"face_id": ids, "identity": [f"id-{(start + i) % 1000}" for i in range(n)],
-                          "source": ids, "split": ["database"] * n, "image": [pool[(start + i) % 512] for i in range(n)],
+                          "source": ids, "split": [split] * n, "image": [pool[(start + i) % pool_size] for i in range(n)],
                           "box": [[0, 0, side, side]] * n, "landmarks": [[0.0] * 10] * n, "det_score": [1.0] * n},
-                         schema=SCHEMA)
+                         schema=FACE_SCHEMA)
         pq.write_table(table, root / "faces" / f"part-{s:05d}.parquet")
     return root
 

@@ -24,7 +24,6 @@ are not targets met; re-run on a quiet one.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import subprocess
@@ -63,25 +62,9 @@ def make_checkpoint(url: str) -> str:
 
 def write_query_faces(root: Path, n: int, size: int = 40, per_shard: int = 20_000) -> None:
     """``n`` faces of split "query" in shards of ``per_shard`` rows (a pool of 64 noise crops)."""
-    import pyarrow as pa
-    from PIL import Image
+    from encode import synthetic_dataset
 
-    from pipelines.formats.faces import FACE_SCHEMA, write_face_file
-
-    rng = np.random.default_rng(0)
-    pool = []
-    for _ in range(64):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
-        pool.append(buf.getvalue())
-    for s, start in enumerate(range(0, n, per_shard)):
-        m = min(per_shard, n - start)
-        ids = [f"q{i:09d}" for i in range(start, start + m)]
-        table = pa.table({"face_id": ids, "identity": [f"p{i % 1000}" for i in range(start, start + m)],
-                          "source": ids, "split": ["query"] * m, "image": [pool[i % 64] for i in range(start, start + m)],
-                          "box": [[0.0, 0.0, 1.0, 1.0]] * m, "landmarks": [[0.0] * 10] * m,
-                          "det_score": np.ones(m, np.float32)}, schema=FACE_SCHEMA)
-        write_face_file(str(root), f"part-{s:05d}.parquet", table.to_pylist())
+    synthetic_dataset(root, n, size, per_shard, split="query", pool_size=64, prefix="q")
 
 
 def kernel_rate(gallery: str, k: int, queries: int = 64, max_codes: int = 1_000_000) -> float:
