@@ -9,20 +9,17 @@ plain dict when a flow function is called directly) into the stage's config.
 from __future__ import annotations
 
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
 import pydantic
 
-
-def _default(f):
-    return f.default if f.default is not MISSING else f.default_factory()
-
+from pipelines.config_flags import field_default
 
 def options_model(cls, exclude: tuple = ()) -> type[pydantic.BaseModel]:
     """A pydantic model with ``cls``'s fields (minus ``exclude``: what the flow takes as its own
     parameters or sets itself), their defaults and their help texts; unknown names are errors."""
     hints = typing.get_type_hints(cls)
-    spec = {f.name: (hints[f.name], pydantic.Field(default=_default(f), description=f.metadata.get("help")))
+    spec = {f.name: (hints[f.name], pydantic.Field(default=field_default(f), description=f.metadata.get("help")))
             for f in fields(cls) if f.name not in exclude}
     return pydantic.create_model(f"{cls.__name__}Options", __config__=pydantic.ConfigDict(extra="forbid"), **spec)
 

@@ -14,6 +14,11 @@ import argparse
 from dataclasses import MISSING, fields
 
 
+def field_default(f):
+    """A dataclass field's default value (``default`` or ``default_factory()``)."""
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
 def format_default(value) -> str:
     """A default as a user would type it (tuples comma-separated, booleans as on/off)."""
     if isinstance(value, bool):
@@ -45,7 +50,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
     for f in fields(cls):
         if f.name in skip:
             continue
-        default = f.default if f.default is not MISSING else f.default_factory()
+        default = field_default(f)
         if isinstance(default, dict):
             continue
         meta = f.metadata
