@@ -4,11 +4,12 @@ quantizer file, the commit of encoded source shards, tombstones and compaction.
 Nothing written here is visible until a manifest commit lists it. A source face shard is
 committed whole (``commit_sources``): its code shards, paired feature/refine shards, rejects and
 watermark entry appear in one atomic commit, so a crash leaves only whole source shards listed
-and a re-run encodes exactly the rest. Deleting writes a tombstone file and lists it in one
-commit, so queries skip those faces at once; compaction later rewrites only the code shards that
-hold deleted faces (with their paired shards, row for row) and swaps them in with the tombstones
-removed, again in one commit. Both leave the old files in place for readers of the previous
-manifest.
+and a re-run encodes exactly the rest. Deleting rewrites the gallery's one tombstone file (the
+earlier ids and the new ones) in one commit, so queries skip those faces at once; compaction later rewrites only the code shards that
+hold deleted faces (with their paired shards, row for row) and the rejects files naming erased
+faces, and swaps them in with the tombstones removed, again in one commit. Both leave the old
+files in place for readers of the previous manifest (``storage.vacuum`` deletes them later).
+Every function takes ``storage_options`` (s3fs options that override the environment).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pipelines.formats.gallery import (CODES_DIR, ERASED_DIR, ERASED_SCHEMA, FEA
                                        face_id_hash, feature_schema, feature_table, paired_path, refine_schema,
                                        refine_table, require_gallery)
 from storage import files, lease, urls
-from storage.manifest import Delta, FileEntry, Manifest, commit, write_data_file
+from storage.manifest import Delta, FileEntry, Manifest, commit, read_manifest, write_data_file
 from storage.tables import read_table, write_table
 
 
@@ -157,30 +158,32 @@ def list_files(gallery_url: str, entries, metadata: dict | None = None, storage_
     commit(gallery_url, Delta(add=tuple(entries), metadata=metadata or {}), storage_options)
 
 
-def delete_faces(gallery_url: str, face_ids: list[str]) -> dict:
+def delete_faces(gallery_url: str, face_ids: list[str], storage_options: dict | None = None) -> dict:
     """Tombstone ``face_ids`` present in the gallery (queries skip them at once) and record every one
     of them, present or not, as erased (``ERASED_DIR``: later encodes skip them for good), in one
-    commit; ids not in the gallery yet are reported as ``unknown``. Holds the gallery's writer lease
-    (storage.lease): one writer per gallery."""
-    with lease.held(gallery_url, f"opqn gallery delete {gallery_url}"):
-        return _delete_faces(gallery_url, face_ids)
+    commit; ids not in the gallery yet are reported as ``unknown``. The gallery keeps one tombstone
+    file: each delete rewrites it with the earlier ids (a query reads one file, not one per delete).
+    Holds the gallery's writer lease (storage.lease): one writer per gallery."""
+    with lease.held(gallery_url, f"opqn gallery delete {gallery_url}", storage_options=storage_options):
+        return _delete_faces(gallery_url, face_ids, storage_options)
 
 
-def _delete_faces(gallery_url: str, face_ids: list[str]) -> dict:
-    gallery = require_gallery(gallery_url)
-    already = deleted_ids(gallery)
+def _delete_faces(gallery_url: str, face_ids: list[str], storage_options: dict | None) -> dict:
+    gallery = require_gallery(gallery_url, storage_options)
+    already = deleted_ids(gallery, storage_options)
     wanted = pa.array(sorted(set(face_ids) - already), pa.string())
     present: set[str] = set()
     for url in gallery.shard_urls():
-        ids = read_table(url, columns=["face_id"]).column("face_id")
+        ids = read_table(url, columns=["face_id"], storage_options=storage_options).column("face_id")
         present.update(pc.filter(ids, pc.is_in(ids, wanted)).to_pylist())
-    new_erased = sorted({face_id_hash(f) for f in face_ids} - erased_hashes(gallery_url))
-    written = [write_tombstones(gallery_url, sorted(present))] if present else []
+    new_erased = sorted({face_id_hash(f) for f in face_ids} - erased_hashes(gallery_url, storage_options))
+    written = [write_tombstones(gallery_url, sorted(present | already), storage_options)] if present else []
     if new_erased:
         written.append(write_data_file(gallery_url, pa.table({"face_id_sha256": new_erased}, schema=ERASED_SCHEMA),
-                                       subdir=ERASED_DIR, schema=ERASED_SCHEMA))
+                                       subdir=ERASED_DIR, schema=ERASED_SCHEMA, storage_options=storage_options))
     if written:
-        list_files(gallery_url, written)
+        old = tuple(t.path for t in gallery.tombstones) if present else ()  # consolidated into the new file
+        commit(gallery_url, Delta(add=tuple(written), remove=old), storage_options)
     return {"deleted": len(present), "unknown": sorted(set(face_ids) - present - already),
             "already_deleted": len(set(face_ids) & already)}
 
@@ -195,25 +198,50 @@ def _paired_kinds(gallery: Gallery, i: int) -> list[tuple[str, FileEntry, pa.Sch
     return out
 
 
-def compact(gallery_url: str) -> dict:
-    """Rewrite the shards holding tombstoned faces without them and drop the tombstones.
+def compact(gallery_url: str, storage_options: dict | None = None) -> dict:
+    """Rewrite the shards holding tombstoned faces without them and drop the tombstones; rewrite
+    the rejects files holding erased faces (``erased_hashes``: deleted ever, encoded or not) without
+    them, so no file the manifest lists names a deleted face.
 
     Each rewritten shard takes its original's place in the manifest (its paired shards theirs),
     so the surviving faces keep their scan order and equal-score ties resolve as before. Holds
     the gallery's writer lease (storage.lease): one writer per gallery."""
-    with lease.held(gallery_url, f"opqn gallery compact {gallery_url}"):
-        return _compact(gallery_url)
+    with lease.held(gallery_url, f"opqn gallery compact {gallery_url}", storage_options=storage_options):
+        return _compact(gallery_url, storage_options)
 
 
-def _compact(gallery_url: str) -> dict:
-    gallery = require_gallery(gallery_url)
-    if not gallery.tombstones:
-        return {"rewritten": 0, "removed_faces": 0}
+def _erased_rejects(gallery_url: str, storage_options: dict | None) -> tuple[dict, int]:
+    """({old rejects path: [its rewrite] or []}, rows dropped) for the listed rejects files that
+    hold erased faces (encode's rejects name faces it could not decode, deleted ones included)."""
+    manifest = read_manifest(gallery_url, storage_options)
+    erased = erased_hashes(gallery_url, storage_options)
+    replacing, dropped = {}, 0
+    for entry in manifest.files if manifest and erased else ():
+        if not entry.path.startswith(REJECTS_DIR + "/"):
+            continue
+        table = read_table(urls.join(gallery_url, entry.path), storage_options=storage_options)
+        keep = pa.array([face_id_hash(f) not in erased for f in table.column("face_id").to_pylist()], pa.bool_())
+        if keep.true_count == table.num_rows:
+            continue
+        dropped += table.num_rows - keep.true_count
+        kept = table.filter(keep).cast(REJECT_SCHEMA)
+        replacing[entry.path] = [write_data_file(gallery_url, kept, subdir=REJECTS_DIR, schema=REJECT_SCHEMA,
+                                                 storage_options=storage_options)] if kept.num_rows else []
+    return replacing, dropped
+
+
+def _compact(gallery_url: str, storage_options: dict | None) -> dict:
+    gallery = require_gallery(gallery_url, storage_options)
+    replacing, rejects_dropped = _erased_rejects(gallery_url, storage_options)  # old path -> entries in its place
+    rejects_rewritten = len(replacing)
+    if not gallery.tombstones and not replacing:
+        return {"rewritten": 0, "removed_faces": 0, "tombstones_dropped": 0, "rejects_rewritten": 0,
+                "removed_rejects": 0}
     schema = code_schema(gallery.M, gallery.K)
-    dead = pa.array(sorted(deleted_ids(gallery)), pa.string())
-    removed, replacing, dropped = [], {}, 0  # replacing: old path -> the entries taking its place
-    for i, entry in enumerate(gallery.shards):
-        table = read_table(urls.join(gallery_url, entry.path))
+    dead = pa.array(sorted(deleted_ids(gallery, storage_options)), pa.string())
+    removed, dropped = list(replacing), 0
+    for i, entry in enumerate(gallery.shards if gallery.tombstones else ()):
+        table = read_table(urls.join(gallery_url, entry.path), storage_options=storage_options)
         mask = pc.is_in(table.column("face_id"), dead)
         hits = pc.sum(mask).as_py() or 0
         if not hits:
@@ -222,7 +250,7 @@ def _compact(gallery_url: str) -> dict:
         removed.append(entry.path)
         paired, pentries = {}, []  # directory -> its table without the deleted rows, of each paired shard
         for directory, pentry, pschema in _paired_kinds(gallery, i):
-            ptable = read_table(urls.join(gallery_url, pentry.path))
+            ptable = read_table(urls.join(gallery_url, pentry.path), storage_options=storage_options)
             if not ptable.column("face_id").equals(table.column("face_id")):
                 raise ValueError(f"gallery {gallery_url}: {directory} shard {pentry.path} does not hold the faces of "
                                  f"{entry.path} row for row; not compacting")
@@ -230,7 +258,7 @@ def _compact(gallery_url: str) -> dict:
             pentries.append(pentry.path)
             paired[directory] = ptable.filter(pc.invert(mask)).cast(pschema)  # same mask: still aligned
         kept = table.filter(pc.invert(mask))
-        new = write_code_shard(gallery_url, kept.cast(schema), paired) if kept.num_rows else []
+        new = write_code_shard(gallery_url, kept.cast(schema), paired, storage_options) if kept.num_rows else []
         # code shard first, then each paired shard, each where its original was listed
         for old, entry in zip([entry.path] + pentries, new or [None] * (1 + len(pentries))):
             replacing[old] = [entry] if entry is not None else []
@@ -248,5 +276,7 @@ def _compact(gallery_url: str) -> dict:
                 listing.append(f)
         return replace(current, files=tuple(listing))
 
-    commit(gallery_url, change)
-    return {"rewritten": len(removed), "removed_faces": dropped, "tombstones_dropped": len(tombstones)}
+    commit(gallery_url, change, storage_options)
+    return {"rewritten": len(removed) - rejects_rewritten, "removed_faces": dropped,
+            "tombstones_dropped": len(tombstones), "rejects_rewritten": rejects_rewritten,
+            "removed_rejects": rejects_dropped}
