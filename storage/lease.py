@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from . import urls
 from .errors import StorageError
@@ -49,6 +49,10 @@ LEASE_NAME = ".writer-lease.json"
 LEASE_LOCK = ".writer-lease.lock"
 FORMAT = "opqn-lease"
 DEFAULT_SECONDS = 120.0
+
+# Called as hook(lease) in the job's thread right after it takes a lease (not when a nested holder
+# shares one). Tests append a hook to hold a job there while a second job starts.
+ACQUIRE_HOOKS: list[Callable[["Lease"], None]] = []
 
 _HELD: dict[tuple[str, threading.Thread], "Lease"] = {}  # (root, thread) -> the lease that thread holds
 _HELD_LOCK = threading.Lock()
@@ -227,6 +231,12 @@ def acquire(root: str, command: str | None = None, seconds: float = DEFAULT_SECO
         _HELD[key] = lease
     if heartbeat:
         lease._start_heartbeat()
+    try:
+        for hook in ACQUIRE_HOOKS:
+            hook(lease)
+    except BaseException:
+        lease.release()
+        raise
     return lease
 
 
