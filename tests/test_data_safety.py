@@ -24,8 +24,8 @@ from pipelines.encode.encoder import EncodeJob, NonFiniteFeaturesError, check_mo
 from pipelines.encode.run import EncodeConfig, encode_gallery
 from pipelines.formats import faces as face_format
 from pipelines.formats.checkpoint import load_checkpoint, save_checkpoint
-from pipelines.formats.gallery import (FEATURES_DIR, deleted_ids, feature_table, code_table, gallery_metadata,
-                                       open_gallery, require_gallery)
+from pipelines.formats.gallery import (FEATURES_DIR, REJECTS_DIR, code_table, deleted_ids, feature_table,
+                                       gallery_metadata, open_gallery, require_gallery)
 from pipelines.formats.gallery_writer import commit_sources, compact, delete_faces, list_files, write_code_shard, \
     write_source
 from pipelines.query.topk import ShardTask, merge_topk, shard_topk
@@ -66,6 +66,12 @@ def listed_face_ids(dataset: str) -> list[str]:
 
 def gallery_face_ids(gallery_url: str) -> list[str]:
     return [fid for u in require_gallery(gallery_url).shard_urls() for fid in read_table(u).column("face_id").to_pylist()]
+
+
+def rejected_ids(gallery_url: str) -> list[str]:
+    """Face ids in the rejects files the gallery's manifest lists."""
+    return [fid for f in mf.read_manifest(gallery_url).files if f.path.startswith(REJECTS_DIR + "/")
+            for fid in read_table(mf.file_url(gallery_url, f)).column("face_id").to_pylist()]
 
 
 def duplicates(ids) -> list[str]:
@@ -348,11 +354,15 @@ def test_compaction_keeps_the_order_of_equal_score_ties(tmp_path):
 
 # --------------------------------------------------------------------------- forget + vacuum
 
-def prepared_dataset(faces, dataset: str) -> None:
-    """The module's faces as `opqn prepare` lists them: three shards, each with its sources records."""
+def prepared_dataset(faces, dataset: str, broken=()) -> None:
+    """The module's faces as `opqn prepare` lists them: three shards, each with its sources records;
+    the faces ``broken`` get a crop encode cannot decode (encode lists them in its rejects)."""
     import pyarrow.parquet as pq
 
     rows = pq.read_table(faces / "faces").to_pylist()
+    for r in rows:
+        if r["face_id"] in broken:
+            r["image"] = b"not an image " + r["face_id"].encode()
     for s in range(3):
         part = rows[s::3]
         sources = [{"source": r["source"], "identity": r["identity"], "content_hash": r["face_id"][:-2] + "f" * 44,
@@ -374,24 +384,31 @@ def every_parquet_cell(root: str):
 
 
 def test_forget_then_vacuum_leaves_no_byte_of_the_faces(faces, model_url, root):
+    import pyarrow.parquet as pq
+
     from pipelines.cli import main
 
     dataset, gallery, older = (urls.join(root, n) for n in ("ds", "gallery", "gallery-older-model"))
-    prepared_dataset(faces, dataset)
-    cfg = EncodeConfig(batch_size=8, executor="local")
-    encode_gallery(model_url, dataset, older, cfg)
+    first = pq.read_table(faces / "faces", columns=["face_id", "identity"]).slice(0, 1).to_pylist()[0]
+    who, broken = first["identity"], first["face_id"]  # one of the forgotten faces is in encode's rejects
+    prepared_dataset(faces, dataset, broken={broken})
+    encode_gallery(model_url, dataset, older, EncodeConfig(batch_size=8, executor="local", refine_bytes=8))
     encode_gallery(model_url, dataset, gallery, EncodeConfig(batch_size=8, executor="local", store_features=True))
     table = face_format.read_faces(dataset, ["face_id", "identity", "image"])
-    who = table.column("identity")[0].as_py()
     gone = {f for f, i in zip(table.column("face_id").to_pylist(), table.column("identity").to_pylist()) if i == who}
     crops = {img for img, i in zip(table.column("image").to_pylist(), table.column("identity").to_pylist()) if i == who}
-    assert len(gone) == 6
+    assert len(gone) == 6 and broken in gone
+    for g in (gallery, older):
+        assert rejected_ids(g) == [broken] and len(gallery_face_ids(g)) == 23
+    holding = {rel.split("/")[1] for rel, _, v in every_parquet_cell(root) if v in gone or v in crops}
+    assert {"faces", "codes", "features", "refine", "rejects"} <= holding  # every kind of file is checked below
 
     assert main(["forget", dataset, "--identities", who, "--json"]) == 0
     assert not gone & set(listed_face_ids(dataset))
     for g in (gallery, older):  # queries stop returning them at once: not even tombstoned, compacted away
         ids = gallery_face_ids(g)
         assert len(ids) == 18 and not gone & set(ids) and not require_gallery(g).tombstones
+        assert rejected_ids(g) == []  # the rejects file naming the broken face was rewritten without it
     assert [e["faces"] for e in mf.read_manifest(dataset).metadata["erasures"]] == [6]
 
     time.sleep(1.1)  # S3 stamps whole seconds
@@ -405,8 +422,8 @@ def test_forget_then_vacuum_leaves_no_byte_of_the_faces(faces, model_url, root):
                                                                      store_features=True))
     assert again["sources_encoded"] == 0 and len(gallery_face_ids(gallery)) == 18
     fresh = urls.join(root, "gallery-new-model")
-    encode_gallery(model_url, dataset, fresh, cfg)
-    assert len(gallery_face_ids(fresh)) == 18 and not gone & set(gallery_face_ids(fresh))
+    encode_gallery(model_url, dataset, fresh, EncodeConfig(batch_size=8, executor="local"))
+    assert len(gallery_face_ids(fresh)) == 18 and not gone & set(gallery_face_ids(fresh)) and not rejected_ids(fresh)
     assert fresh in mf.read_manifest(dataset).metadata["galleries"]
 
 
@@ -490,3 +507,122 @@ def test_compact_delete_forget_and_vacuum_refuse_a_held_gallery_or_dataset(tmp_p
             held.release()
     assert len(failures) == 5 and all("being written by another job" in f for f in failures)
     assert sorted(gallery_face_ids(gallery)) == ids and listed_face_ids(dataset) == ["a-0"]  # nothing changed
+
+
+# --------------------------------------------------------------------------- two erasure jobs at once
+
+def small_dataset_and_gallery(root: str, storage_options: dict | None = None) -> tuple[str, str]:
+    """A dataset of 8 faces (identities p0, p1; two shards) and a gallery of their codes, recorded in
+    it, with encode's rejects naming p0's first face: what an encode writes, without a model."""
+    from test_ingest_units import face_row
+
+    from pipelines.formats.face_erasure import record_gallery
+
+    dataset, gallery = urls.join(root, "ds"), urls.join(root, "gallery")
+    rows = [{**face_row(f"p{i % 2}-{i}-0", "database"), "identity": f"p{i % 2}"} for i in range(8)]
+    for part in (rows[:4], rows[4:]):
+        sources = [{"source": r["source"], "identity": r["identity"], "content_hash": r["face_id"][:-2], "split":
+                    "database", "faces": 1, "reason": None} for r in part]
+        face_format.commit_shard(dataset, face_format.write_shard(dataset, part, [], sources, storage_options),
+                                 {"size": 24}, storage_options)
+    record_gallery(dataset, gallery, storage_options)
+    ids = np.array([r["face_id"] for r in rows[1:]], dtype=object)
+    entries = write_source(gallery, "faces/part-0", ids, np.array([r["identity"] for r in rows[1:]], dtype=object),
+                           np.zeros((7, 4), np.uint8), 4, 16, 4, rejects=([rows[0]["face_id"]], ["undecodable"]),
+                           storage_options=storage_options)
+    list_files(gallery, entries, gallery_metadata("m", 8, 4, 16, "dct-orthonormal", {"faces/part-0": "x"}),
+               storage_options)
+    return dataset, gallery
+
+
+def identity_of(face_id: str) -> str:
+    return face_id.split("-")[0]
+
+
+@pytest.mark.parametrize("kind", ["compact", "forget", "vacuum"])
+def test_two_erasure_jobs_started_together_one_fails_naming_the_holder(kind, root):
+    """Two compacts, forgets or vacuums start together: one takes the lease (and is held right
+    there until the other has finished), the other fails at once in one line naming it; nothing is
+    listed twice or lost."""
+    from pipelines.ingest.forget import forget
+    from storage.vacuum import vacuum
+
+    dataset, gallery = small_dataset_and_gallery(root)
+    faces_before, gallery_before = sorted(listed_face_ids(dataset)), sorted(gallery_face_ids(gallery))
+    if kind != "forget":
+        delete_faces(gallery, gallery_before[:2])
+    if kind == "vacuum":
+        compact(gallery)  # leaves the superseded code shard and the tombstones unlisted
+        if not urls.is_local(root):
+            time.sleep(1.1)  # S3 stamps whole seconds
+    orphans = mf.orphans(gallery)
+    target = dataset if kind == "forget" else gallery
+    ops = {"compact": lambda who: compact(gallery), "forget": lambda who: forget(dataset, identities=[who]),
+           "vacuum": lambda who: vacuum(gallery, older_than=0)}
+    barrier, finished, loser_done = threading.Barrier(2), threading.Semaphore(0), threading.Event()
+    outcomes: dict[str, object] = {}
+
+    def hold(held):  # the winner waits, holding the lease, until the other job has given up
+        if held.root == target:
+            assert loser_done.wait(60), "the second job never finished"
+
+    def job(who):
+        barrier.wait()
+        try:
+            outcomes[who] = ops[kind](who)
+        except Exception as exc:  # noqa: BLE001 - the outcome is checked below
+            outcomes[who] = exc
+        finally:
+            finished.release()
+
+    lease.ACQUIRE_HOOKS.append(hold)
+    try:
+        threads = [threading.Thread(target=job, args=(who,)) for who in ("p0", "p1")]
+        for t in threads:
+            t.start()
+        assert finished.acquire(timeout=60), "neither job finished while the other held the lease"
+        loser_done.set()
+        for t in threads:
+            t.join(60)
+    finally:
+        lease.ACQUIRE_HOOKS.remove(hold)
+    [loser] = [w for w, o in outcomes.items() if isinstance(o, lease.LeaseHeldError)]
+    [winner] = [w for w, o in outcomes.items() if not isinstance(o, Exception)]
+    message = str(outcomes[loser])
+    assert "being written by another job" in message and f"pid {os.getpid()}" in message and "\n" not in message
+    assert f"opqn {'gallery compact' if kind == 'compact' else kind}" in message
+
+    mf.verify(dataset)  # no listed file lost
+    mf.verify(gallery)
+    faces_after, gallery_after = listed_face_ids(dataset), gallery_face_ids(gallery)
+    assert duplicates(faces_after) == [] and duplicates(gallery_after) == []
+    if kind == "forget":  # exactly the winner's faces are gone, the loser's all kept
+        assert sorted(faces_after) == [f for f in faces_before if identity_of(f) != winner]
+        assert sorted(gallery_after) == [f for f in gallery_before if identity_of(f) != winner]
+    else:
+        assert sorted(faces_after) == faces_before and sorted(gallery_after) == gallery_before[2:]
+    if kind == "vacuum":
+        assert sorted(outcomes[winner]) == orphans and len(orphans) >= 2 and mf.orphans(gallery) == []
+
+
+def test_forget_and_vacuum_use_the_callers_storage_options(s3_server, s3_bucket, monkeypatch):
+    """Explicit storage_options reach the dataset and every gallery (leases, reads, rewrites,
+    commits), with an environment whose credentials the store refuses."""
+    from pipelines.ingest.forget import forget
+    from storage.errors import StorageAuthError
+    from storage.vacuum import vacuum
+
+    dataset, gallery = small_dataset_and_gallery(s3_bucket)
+    opts = s3_server.storage_options()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-" + "x" * 25)
+    with pytest.raises(StorageAuthError):
+        forget(dataset, identities=["p0"])  # the environment alone cannot reach the store
+    summary = forget(dataset, identities=["p0"], storage_options=opts)
+    assert summary["faces"] == 4 and summary["galleries"][gallery]["removed_rejects"] == 1
+    time.sleep(1.1)  # S3 stamps whole seconds
+    assert len(vacuum(gallery, older_than=0, storage_options=opts)) >= 3  # old code shard, rejects, tombstones
+    assert len(vacuum(dataset, older_than=0, storage_options=opts)) == 2  # both face shards held p0
+    monkeypatch.undo()
+    assert sorted(set(map(identity_of, listed_face_ids(dataset)))) == ["p1"]
+    assert sorted(set(map(identity_of, gallery_face_ids(gallery)))) == ["p1"]
+    assert rejected_ids(gallery) == [] and mf.orphans(gallery) == [] and mf.orphans(dataset) == []
