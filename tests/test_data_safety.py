@@ -340,10 +340,12 @@ def test_compaction_keeps_the_order_of_equal_score_ties(tmp_path):
         return best.column("face_id").to_pylist()
 
     delete_faces(gallery, ["s0-f1"])  # in the first shard: compaction rewrites it
+    delete_faces(gallery, ["s2-f3"])  # and the last
+    assert len(require_gallery(gallery).tombstones) == 1 and deleted_ids(require_gallery(gallery)) == {"s0-f1", "s2-f3"}  # one file
     before = topk()
     assert before[:6] == ["s0-f0", "s0-f2", "s0-f3", "s1-f0", "s1-f1", "s1-f2"]
     result = compact(gallery)
-    assert result["removed_faces"] == 1
+    assert result["removed_faces"] == 2 and result["tombstones_dropped"] == 1
     assert topk() == before
     g = require_gallery(gallery)
     assert [fid for u in g.shard_urls() for fid in read_table(u).column("face_id").to_pylist()][:3] == \
