@@ -107,3 +107,8 @@ def ray_cluster():
     yield address
     stop_pid(proc.pid)
 # --- end Ray fixtures ------------------------------------------------------------------
+
+
+def pytest_configure(config):
+    # a test that starts its own Ray head node (tests/test_ray_jobs.py): `-m "not slow"` skips it
+    config.addinivalue_line("markers", "slow: starts its own Ray head node; deselect with -m 'not slow'")
