@@ -63,12 +63,15 @@ def quiet_engines() -> None:
 quiet_engines()
 
 
-def start_ray(num_cpus: int | None = None, *, worker_logs: bool = True, object_store_mb: int | None = None):
+def start_ray(num_cpus: int | None = None, *, worker_logs: bool | None = None, object_store_mb: int | None = None):
     """Join ``RAY_ADDRESS`` or start Ray in-process on 127.0.0.1; a no-op when Ray is up.
 
     ``num_cpus`` (local Ray only) defaults to the cores plus one: a pool that fills every
     core still leaves Ray Data a slot for its read tasks. ``worker_logs`` forwards the
-    workers' stdout/stderr to this console (training prints its epoch lines from workers).
+    workers' stdout/stderr to this console; off unless ``OPQN_VERBOSE`` (``--verbose``): the
+    stages' workers print nothing of their own (training's epoch lines come from the driver,
+    train/epoch_log.py), so what would arrive is Ray's internals, and a worker's error
+    reaches the driver as the task's exception anyway.
     ``object_store_mb`` caps a local Ray's object store (memory benchmarks). Returns the
     ``ray`` module.
     """
@@ -77,6 +80,8 @@ def start_ray(num_cpus: int | None = None, *, worker_logs: bool = True, object_s
     import ray.data
 
     if not ray.is_initialized():
+        if worker_logs is None:
+            worker_logs = bool(os.environ.get("OPQN_VERBOSE"))
         common = {"log_to_driver": worker_logs, "logging_level": logging.WARNING}
         address = os.environ.get("RAY_ADDRESS")
         if address:

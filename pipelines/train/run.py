@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import tempfile
 import uuid
 from dataclasses import asdict, replace
@@ -19,9 +18,11 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.execution import start_ray
+from pipelines.progress import say
 from pipelines.formats.faces import arrow_filesystem, decode_batch, face_shard_files, read_face_columns
 from pipelines.formats.checkpoint import load_checkpoint
 from pipelines.train.config import RayTrainConfig
+from pipelines.train.epoch_log import epoch_feed
 from pipelines.train.worker import train_worker
 from storage import urls
 
@@ -74,7 +75,6 @@ def _storage_path(cfg: RayTrainConfig) -> str:
 
 def train(cfg: RayTrainConfig, out=None) -> dict:
     """Run (or resume) distributed training; returns the final epoch record and the checkpoint URL."""
-    out = out or sys.stderr  # resolved per call: a stream captured at import may be closed later
     if not cfg.model_url:
         raise ValueError("no model URL given: where should the checkpoint go?")
     if cfg.workers < 1:
@@ -88,35 +88,36 @@ def train(cfg: RayTrainConfig, out=None) -> dict:
     cfg = replace(cfg, run_id=cfg.run_id or uuid.uuid4().hex)
     # in-process Ray: the workers' CPUs plus one for Ray Data's read/decode tasks
     start_ray(num_cpus=max(os.cpu_count() or 1, int(math.ceil(cfg.workers * cfg.cpus_per_worker))) + 1)
-    print(f"training OPQN-{opqn_config.variant} {opqn_config.bits:g} bit (M={opqn_config.M}, K={opqn_config.K}, "
-          f"D={opqn_config.D}) on {rows} faces of {len(classes)} identities from {cfg.dataset}, "
-          f"{cfg.workers} worker(s), {cfg.epochs} epochs -> {cfg.model_url}", file=out, flush=True)
+    say("train", f"training OPQN-{opqn_config.variant} {opqn_config.bits:g} bit (M={opqn_config.M}, "
+        f"K={opqn_config.K}, D={opqn_config.D}) on {rows} faces of {len(classes)} identities from {cfg.dataset}, "
+        f"{cfg.workers} worker(s), {cfg.epochs} epochs -> {cfg.model_url}", out)
     # faces that fit in the workers' memory are decoded once by each worker and kept for every
     # epoch; a larger dataset streams through Ray Data (read + decode every epoch)
     in_memory = cfg.share_mb(rows) <= cfg.cache_mb
-    print(f"data: each worker {'keeps its ~' if in_memory else 'streams its ~'}{cfg.share_mb(rows):.0f} MB share of decoded "
-          f"faces {'in memory' if in_memory else f'(over --cache-mb {cfg.cache_mb})'}", file=out, flush=True)
+    say("train", f"data: each worker {'keeps its ~' if in_memory else 'streams its ~'}{cfg.share_mb(rows):.0f} MB "
+        f"share of decoded faces {'in memory' if in_memory else f'(over --cache-mb {cfg.cache_mb})'}", out)
     per_worker, share = cfg.batch_size // cfg.workers, rows // cfg.workers
     if share < per_worker:
-        print(f"note: {rows} training faces give each of {cfg.workers} workers ~{share}, less than a batch of "
-              f"{per_worker}: " + ("each step takes a worker's whole share" if in_memory else "lower --batch-size"),
-              file=out, flush=True)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": asdict(cfg), "classes": classes, "network_config": opqn_config.to_dict(),
-                           "in_memory": in_memory, "files": files, "rows": rows},
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker},
-                                               placement_strategy="SPREAD"),
-        run_config=ray.train.RunConfig(name=f"opqn-{cfg.run_id[:8]}", storage_path=_storage_path(cfg),
-                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-        datasets={} if in_memory else {"train": build_dataset(cfg, files, classes)},
-    )
-    trainer.fit()
+        say("train", f"note: {rows} training faces give each of {cfg.workers} workers ~{share}, less than a batch "
+            f"of {per_worker}: " + ("each step takes a worker's whole share" if in_memory else "lower --batch-size"),
+            out)
+    with epoch_feed(cfg.epochs, cfg.model_url, out) as feed:  # the epoch lines: rank 0 -> this driver
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"config": asdict(cfg), "classes": classes, "network_config": opqn_config.to_dict(),
+                               "in_memory": in_memory, "files": files, "rows": rows, "feed": feed},
+            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                                   resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                                   placement_strategy="SPREAD"),
+            run_config=ray.train.RunConfig(name=f"opqn-{cfg.run_id[:8]}", storage_path=_storage_path(cfg),
+                                           failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+            datasets={} if in_memory else {"train": build_dataset(cfg, files, classes)},
+        )
+        trainer.fit()
     state = load_checkpoint(cfg.model_url)
     last = state["history"][-1]
-    print(f"done: {state['epoch']} epochs, loss {last['loss']:.4f}, acc {last['acc']:.3f}, "
-          f"{len(state.get('nodes', []))} node(s), checkpoint {cfg.model_url}", file=out, flush=True)
+    say("train", f"done: {state['epoch']} epochs, loss {last['loss']:.4f}, acc {last['acc']:.3f}, "
+        f"{len(state.get('nodes', []))} node(s), checkpoint {cfg.model_url}", out)
     return {"model_url": cfg.model_url, "epoch": state["epoch"], "history": state["history"],
             "nodes": state.get("nodes", []), "identities": len(classes), "faces": rows}

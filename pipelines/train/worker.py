@@ -7,12 +7,12 @@ epoch itself is ``pipelines.train.loop.train_epoch``, the loop the single-proces
 
 Rank 0 owns the checkpoint (model URL); every rank resumes from it, so after a worker
 failure Ray Train restarts the group and training continues from the last finished epoch.
-Loss parts are averaged across ranks and replicas are checked for drift every epoch.
+Loss parts are averaged across ranks and replicas are checked for drift every epoch. Workers
+print nothing: rank 0 hands each epoch's record to the driver, which logs the line.
 """
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 
 import numpy as np
@@ -26,6 +26,7 @@ from model.registry import build_network, with_loss
 from pipelines.formats.faces import load_face_dataset
 from pipelines.formats.checkpoint import checkpoint_exists, load_checkpoint, restore_training, save_checkpoint, training_state
 from pipelines.train.config import RayTrainConfig
+from pipelines.train.epoch_log import publish
 from pipelines.train.loop import train_epoch
 from pipelines.train.recipe import make_optimizer
 
@@ -102,6 +103,7 @@ def _streamed_batches(shard, cfg: RayTrainConfig, per_worker: int, epoch: int, r
 def train_worker(loop_config: dict) -> None:
     cfg = RayTrainConfig(**loop_config["config"])
     classes: list[str] = loop_config["classes"]
+    feed = loop_config.get("feed")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = cfg.worker_threads()
@@ -131,7 +133,7 @@ def train_worker(loop_config: dict) -> None:
             state = restore_training(cfg.model_url, model, opt, sched, classes)
             start_epoch, history = state["epoch"], state["history"]
             if rank == 0:
-                print(f"resuming {cfg.model_url} at epoch {start_epoch}/{cfg.epochs}", flush=True)
+                publish(feed, "resume", start_epoch)
     nodes = _all_gather(ray.get_runtime_context().get_node_id())
     trainable = ray.train.torch.prepare_model(with_loss(model))
     device = ray.train.torch.get_device()
@@ -171,9 +173,7 @@ def train_worker(loop_config: dict) -> None:
             save_checkpoint(cfg.model_url, training_state(
                 model, opt, sched, epoch=epoch + 1, history=history, classes=classes,
                 train=loop_config["config"], run_id=cfg.run_id, nodes=sorted(set(nodes)), workers=world))
-            print("[train] epoch {epoch}/{total} loss {loss:.4f} clf_x {clf_x:.4f} clf_s {clf_s:.4f} "
-                  "entropy {entropy:.4f} acc {acc:.3f} {samples_per_s:.1f} samples/s".format(total=cfg.epochs, **record),
-                  file=sys.stderr, flush=True)
+            publish(feed, "epoch", record)  # the driver's line for it (train/epoch_log.py)
         if dist.is_initialized():
             dist.barrier()  # nobody starts the next epoch before the checkpoint of this one exists
         ray.train.report({**record, "nodes": len(set(nodes))})
