@@ -1,18 +1,19 @@
 """Prefect flow ``train-opqn``: schedules distributed training; all logic is in ``pipelines.train``.
 
 With ``ray_jobs_address`` (a Ray cluster's dashboard URL, e.g. http://head:8265) the run is
-submitted through the Ray Jobs API and its logs are followed; otherwise the pipeline runs
+submitted through the Ray Jobs API under a submission id derived from its settings, so a
+retried flow follows the job it started instead of starting a second one (flows/ray_job.py),
+and its log is followed into the flow run; otherwise the pipeline runs
 here, on in-process Ray or on the cluster named by RAY_ADDRESS.
 """
 from __future__ import annotations
 
-import shlex
-import time
 from dataclasses import fields
 
 from prefect import flow, get_run_logger
 
 from flows.options import config_with_options, options_model
+from flows.ray_job import run_train_job
 from pipelines.train.config import RayTrainConfig
 
 FLOW_PARAMETERS = ("dataset", "model_url", "bits", "codewords", "epochs", "workers", "use_gpu")
@@ -34,28 +35,11 @@ def _cli_args(cfg: RayTrainConfig) -> list[str]:
     return args
 
 
-def submit_ray_job(cfg: RayTrainConfig, address: str, poll_seconds: float = 2.0) -> dict:
-    """Run `opqn train` as a Ray job on the cluster and stream its logs into this flow run."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
+def submit_ray_job(cfg: RayTrainConfig, address: str, poll_seconds: float = 1.0) -> dict:
+    """Run `opqn train` as a Ray job on the cluster (or follow this run's job already there) and
+    stream its log into this flow run; cancelling the flow run stops the job."""
     logger = get_run_logger()
-    client = JobSubmissionClient(address)
-    entrypoint = shlex.join(_cli_args(cfg))
-    job_id = client.submit_job(entrypoint=entrypoint)
-    logger.info("submitted Ray job %s: %s", job_id, entrypoint)
-    seen = 0
-    while True:
-        status = client.get_job_status(job_id)
-        logs = client.get_job_logs(job_id)
-        for line in logs[seen:].splitlines():
-            logger.info(line)
-        seen = len(logs)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            break
-        time.sleep(poll_seconds)
-    if status != JobStatus.SUCCEEDED:
-        raise RuntimeError(f"Ray job {job_id} ended {status}: {client.get_job_info(job_id).message}")
-    return {"model_url": cfg.model_url, "ray_job_id": job_id}
+    return run_train_job(address, _cli_args(cfg), cfg.model_url, logger.info, poll_seconds)
 
 
 @flow(name="train-opqn", log_prints=True)

@@ -101,3 +101,15 @@ def test_encode_flow_rejects_unknown_options(tmp_path):
     with pytest.raises(ValueError, match="unknown encode options"):
         encode_gallery_flow.fn(model_url="m.pt", dataset=str(tmp_path), gallery=str(tmp_path / "g"),
                                options={"shards": 3})
+
+
+def test_ray_job_id_names_the_run_so_a_retry_finds_its_job():
+    """The submission id is the lock against a second job training into the same model URL:
+    the same settings give the same id, another model URL or setting another."""
+    from flows.ray_job import submission_id
+
+    cfg = RayTrainConfig(dataset="s3://b/ds", model_url="s3://b/m.pt", epochs=3)
+    ids = {submission_id(_cli_args(c)) for c in (cfg, RayTrainConfig(**{**cfg.__dict__, "model_url": "s3://b/n.pt"}),
+                                                 RayTrainConfig(**{**cfg.__dict__, "epochs": 4}))}
+    assert submission_id(_cli_args(RayTrainConfig(**cfg.__dict__))) in ids and len(ids) == 3
+    assert submission_id(_cli_args(cfg), 2) == submission_id(_cli_args(cfg)) + "-2"
