@@ -1,25 +1,36 @@
-"""Query scale: peak memory against the number of queries, and the end-to-end scan rate against the kernel.
+"""Query scale: peak memory against the number of queries, the end-to-end scan rate against the
+kernel and where the scan's time goes, the scan on a 2-node loopback cluster, and a capacity table.
 
 Setup (kept under ``--workdir`` and reused): a small random-weight OPQN checkpoint (M = 4,
 K = 256), a synthetic gallery of ``--codes`` codes in shards of ``--shard-rows`` that it
-"encoded", and a synthetic query face dataset of ``max(--queries)`` faces (a pool of 64 noise
-crops, PNG, cycled under distinct face ids: decoding and embedding cost as for real crops).
+"encoded", and a synthetic query face dataset per query count (a pool of 64 noise crops, PNG,
+cycled under distinct face ids: decoding and embedding cost as for real crops).
 
-1. ``kernel_scores_per_s``: ``pipelines.query.kernels.topk`` on one thread, the batched kernel
-   (64 queries, top-k) over up to 1M of the gallery's codes, best of 3.
+1. Per-core rates (``per_core_rates``, one thread): the batched kernel (64 queries, top-k) over
+   the gallery's first 2M codes, scores/s by wall clock and per CPU-second, best of 3; code
+   shards read and decoded per CPU-second.
 2. For each query count in ``--queries``: a fresh Python process runs ``query_batch`` (Ray
-   in-process, one task slot per CPU) into a results dataset, with ``--memory-mb`` (or
-   ``--query-block``) fixing the block size, while ``benchmarks.memory.PeakMemory`` samples
-   its whole process tree (driver, Ray's processes and workers). Reported: peak summed RSS and
-   PSS of the tree, and the scan's scores/s (queries x codes / scan seconds, the embedding of
-   the queries left out, as ``opqn query`` reports it).
-3. ``efficiency`` = end-to-end scores/s / (kernel scores/s x CPUs used), at the largest query
-   count; ``memory_ratio`` = tree peak at the largest query count / at the smallest.
+   in-process, one task slot per CPU, tasks sized by the job unless ``--rows-per-task``) into a
+   results dataset, with ``--memory-mb`` (or ``--query-block``) fixing the block size, while
+   ``benchmarks.memory.PeakMemory`` samples its whole process tree (driver, Ray's processes and
+   workers). Reported: peak summed RSS and PSS of the tree, the scan's scores/s (queries x
+   codes / scan seconds, the embedding of the queries left out, as ``opqn query`` reports it),
+   scores per task CPU-second, and the job's ``phases`` (``pipelines.query.account``).
+3. ``efficiency`` = end-to-end scores/s / (kernel scores/s x CPUs), at the largest query count;
+   ``cpu_efficiency`` = scores per task CPU-second / the kernel's per CPU-second (what the
+   tasks' reading and merging cost, whatever the machine's load); ``memory_ratio`` = tree peak
+   at the largest query count / at the smallest.
+4. ``--cluster``: the same job on a loopback Ray cluster (``infra.ray_local``) of one node, then
+   two, of ``--cluster-cpus`` CPUs each; each job runs twice and the second run counts (the
+   workers are up). Prints both rates, their ratio and the tasks per node.
+5. ``--capacity RESULT``: the capacity table of docs/operations.md from a result line (a file
+   holding this benchmark's output; its last line is used).
 
 Ends with one JSON line holding at least codes, queries, peak_rss_mb, scores_per_s,
 kernel_scores_per_s, efficiency. The machine may be shared: numbers from a loaded machine
 are not targets met; re-run on a quiet one.
     nice .venv/bin/python benchmarks/query_scale.py --codes 200000 --queries 1000,10000
+    nice .venv/bin/python benchmarks/query_scale.py --codes 10000000 --queries 64 --cluster
 """
 from __future__ import annotations
 
@@ -67,8 +78,23 @@ def write_query_faces(root: Path, n: int, size: int = 40, per_shard: int = 20_00
     synthetic_dataset(root, n, size, per_shard, split="query", pool_size=64, prefix="q")
 
 
-def kernel_rate(gallery: str, k: int, queries: int = 64, max_codes: int = 1_000_000) -> float:
-    """Single-thread scores/s of the batched kernel over the gallery's first codes, best of 3."""
+def first_codes(gallery: str, max_codes: int) -> np.ndarray:
+    from pipelines.formats.gallery import read_codes, require_gallery
+
+    parts, n = [], 0
+    for url in require_gallery(gallery).shard_urls():
+        parts.append(read_codes(url, M)[1])
+        n += len(parts[-1])
+        if n >= max_codes:
+            break
+    return np.concatenate(parts)[:max_codes]
+
+
+def per_core_rates(gallery: str, k: int, queries: int = 64, max_codes: int = 2_000_000) -> dict:
+    """One thread, the gallery's first codes (a scan task's kernel call: ``scan.SCORE_ROWS``):
+    the batched kernel's scores/s by wall clock and by CPU time (best of 3; CPU time is what a
+    busy machine leaves least skewed), and code shards read and decoded per CPU-second (the
+    second pass over the same shards, so from the page cache)."""
     import faiss
     import torch
 
@@ -77,39 +103,123 @@ def kernel_rate(gallery: str, k: int, queries: int = 64, max_codes: int = 1_000_
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
-    parts, n = [], 0
-    for url in require_gallery(gallery).shard_urls():
-        parts.append(read_codes(url, M)[1])
-        n += len(parts[-1])
-        if n >= max_codes:
-            break
-    codes = np.concatenate(parts)[:max_codes]
+    codes = first_codes(gallery, max_codes)
     rng = np.random.default_rng(1)
     t = np.exp(3 * rng.standard_normal((queries, M, K)))
     tables = (t / t.sum(-1, keepdims=True)).astype(np.float32)
     kn.topk(tables[:4], codes[:10_000], k)  # warm up
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(3):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         kn.topk(tables, codes, k, kernel="torch")
-        best = min(best, time.perf_counter() - t0)
-    return queries * len(codes) / best
+        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+    g = require_gallery(gallery)
+    shards = g.shards[:max(1, -(-max_codes // max(g.shards[0].rows, 1)))]
+    c0 = time.process_time()
+    for s in shards:
+        read_codes(f"{g.url}/{s.path}", M)
+    read_cpu = time.process_time() - c0
+    rows, size = sum(s.rows for s in shards), sum(s.size for s in shards)
+    return {"kernel_scores_per_s": queries * len(codes) / wall, "kernel_cpu_scores_per_s": queries * len(codes) / cpu,
+            "read_codes_per_cpu_s": rows / read_cpu, "code_bytes": size / rows}
 
 
 def run_one(args) -> None:
-    """Child process: one query job under PeakMemory; prints one JSON line."""
+    """Child process: the query job under PeakMemory (``--repeat`` times, each into fresh results,
+    the last one reported: later runs find the Ray workers started); prints one JSON line."""
     from memory import PeakMemory
     from pipelines.query.run import QueryConfig, query_batch
 
     cfg = QueryConfig(top_k=args.top_k, rows_per_task=args.rows_per_task, query_block=args.query_block,
                       memory_mb=args.memory_mb, progress_interval=30.0)
+    cold = []
     with PeakMemory() as peak:
-        summary = query_batch(args.model, args.gallery, args.query_set, args.results, cfg)
+        for i in range(args.repeat):
+            summary = query_batch(args.model, args.gallery, args.query_set, f"{args.results}-{i}", cfg)
+            cold.append(summary["scan_seconds"])
+    phases = summary["phases"]
     print(json.dumps({"queries": summary["queries"], "blocks": summary["blocks"], "tasks": summary["tasks"],
-                      "scan_seconds": summary["scan_seconds"], "seconds": summary["seconds"],
-                      "scores_per_s": summary["scores_per_s"], "peak_rss_mb": round(peak.tree_rss / 2**20),
-                      "peak_pss_mb": round(peak.tree_pss / 2**20), "median_late_pss_mb":
-                      round(peak.median_late() / 2**20), "driver_rss_mb": round(peak.driver_rss / 2**20)}))
+                      "rows_per_task": summary["rows_per_task"], "kernel": summary["kernel"],
+                      "nodes": summary["nodes"], "phases": phases, "scan_seconds": summary["scan_seconds"],
+                      "earlier_scan_seconds": cold[:-1], "seconds": summary["seconds"],
+                      "scores_per_s": summary["scores_per_s"],
+                      "task_cpu_scores_per_s": summary["queries"] * summary["gallery_codes"] / max(phases["task_cpu_s"],
+                                                                                                    1e-9),
+                      "peak_rss_mb": round(peak.tree_rss / 2**20), "peak_pss_mb": round(peak.tree_pss / 2**20),
+                      "median_late_pss_mb": round(peak.median_late() / 2**20),
+                      "driver_rss_mb": round(peak.driver_rss / 2**20)}))
+
+
+def child(args, model: str, gallery: str, query_set: Path, results: Path, env: dict | None = None,
+          repeat: int = 1) -> dict:
+    """``run_one`` in a fresh Python process (its own Ray, or the cluster of ``env``'s RAY_ADDRESS)."""
+    cmd = [sys.executable, __file__, "--one", "--model", model, "--gallery", gallery, "--query-set", str(query_set),
+           "--results", str(results), "--top-k", str(args.top_k), "--rows-per-task", str(args.rows_per_task),
+           "--memory-mb", str(args.memory_mb), "--query-block", str(args.query_block), "--repeat", str(repeat)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"query job failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cluster_runs(args, work: Path, model: str, gallery: str, query_set: Path) -> dict:
+    """The scan on a loopback Ray cluster of 1 node, then of 2 (``--cluster-cpus`` CPUs each,
+    ``infra.ray_local``): rates, their ratio and the tasks each node ran. Each job runs twice
+    and the second is reported, so the rate is the scan's, not the workers' start-up."""
+    from infra.ray_local import start, stop_pid
+
+    runs = []
+    for nodes in (1, 2):
+        proc, address = start(nodes=nodes, cpus_per_node=args.cluster_cpus)
+        try:
+            run = child(args, model, gallery, query_set, work / f"cluster-{nodes}-{time.time_ns()}",
+                        {**os.environ, "RAY_ADDRESS": address}, repeat=2)
+        finally:
+            stop_pid(proc.pid)
+        run["cluster_nodes"] = nodes
+        runs.append(run)
+        print(f"{nodes} node(s) x {args.cluster_cpus} CPU: {run['tasks']} tasks on {run['nodes']} node(s) "
+              f"{sorted(run['phases']['node_tasks'].values())}, scan {run['scan_seconds']} s = "
+              f"{run['scores_per_s'] / 1e6:,.0f} M scores/s (first run {run['earlier_scan_seconds']} s)", flush=True)
+    return {"codes": args.codes, "queries": runs[-1]["queries"], "cpus_per_node": args.cluster_cpus,
+            "scores_per_s": [r["scores_per_s"] for r in runs], "ratio": runs[1]["scores_per_s"] / runs[0]["scores_per_s"],
+            "nodes_used": [r["nodes"] for r in runs], "machine_cpus": cpus(), "runs": runs}
+
+
+FACE_BYTES = 17.2  # storage per face, M = 4, K = 256, 1M-row shards, hashed face ids (docs/operations.md, Sizing)
+CORES_PER_NODE = 16
+CORE_HOUR_USD = 0.045  # assumed: about the on-demand price of a 16-vCPU compute VM / 16; not measured
+
+
+def capacity_table(result: dict) -> str:
+    """Markdown: storage, CPU-hours, scan time and cost for 100M / 1B faces x 1k / 100k / 1M
+    queries on 1 / 10 / 100 nodes, from a result line's per-core rates (see docs/operations.md).
+
+    CPU-seconds = blocks x faces / read rate + queries x faces / kernel rate (blocks: the
+    default 1 GiB query block at 112 px); time = CPU-seconds / cores + one worker start-up
+    (the run's warm-up); cost = cores x time x price per core-hour."""
+    from pipelines.query.run import QueryConfig, block_queries
+
+    block = block_queries(QueryConfig(), 112, M, K, D)
+    read, kernel = result["read_codes_per_cpu_s"], result["kernel_cpu_scores_per_s"]
+    startup = max(result["phases"]["warmup_s"], 1.0)
+    nodes = (1, 10, 100)
+    lines = ["| faces | queries | storage | CPU-hours | " + " | ".join(f"time, {n} x {CORES_PER_NODE} cores" for n in nodes)
+             + " | " + " | ".join(f"cost, {n} nodes" for n in nodes) + " |", "|" + "---|" * (4 + 2 * len(nodes))]
+    for faces in (10**8, 10**9):
+        for queries in (10**3, 10**5, 10**6):
+            cpu_s = -(-queries // block) * faces / read + queries * faces / kernel
+            times = [cpu_s / (n * CORES_PER_NODE) + startup for n in nodes]
+            costs = [n * CORES_PER_NODE * t / 3600 * CORE_HOUR_USD for n, t in zip(nodes, times)]
+            lines.append(f"| {faces / 1e6:,.0f} M | {queries:,} | {faces * FACE_BYTES / 1e9:,.1f} GB | "
+                         f"{cpu_s / 3600:,.1f} | " + " | ".join(map(_duration, times)) + " | "
+                         + " | ".join(f"${c:,.2f}" for c in costs) + " |")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
 
 
 def main(argv=None) -> int:
@@ -118,7 +228,7 @@ def main(argv=None) -> int:
     p.add_argument("--queries", default="1000,10000", help="comma-separated query counts, smallest first")
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--shard-rows", type=int, default=100_000)
-    p.add_argument("--rows-per-task", type=int, default=0, help="codes per scan task (0: --shard-rows)")
+    p.add_argument("--rows-per-task", type=int, default=0, help="codes per scan task (0: the job sizes its tasks)")
     p.add_argument("--memory-mb", type=int, default=256)
     p.add_argument("--query-block", type=int, default=0)
     p.add_argument("--workdir", default="", help="keep the synthetic data here (reused when present)")
@@ -127,10 +237,23 @@ def main(argv=None) -> int:
     p.add_argument("--gallery", help=argparse.SUPPRESS)
     p.add_argument("--query-set", dest="query_set", help=argparse.SUPPRESS)
     p.add_argument("--results", dest="results", help=argparse.SUPPRESS)
+    p.add_argument("--cluster", action="store_true",
+                   help="scan on a loopback Ray cluster of 1 node, then 2 nodes (infra.ray_local); report the ratio")
+    p.add_argument("--cluster-cpus", type=float, default=1, help="CPUs of each loopback node (--cluster)")
+    p.add_argument("--capacity", metavar="JSON", help="print the capacity table from a result JSON line of this "
+                                                      "benchmark (a file) and exit")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--repeat", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--gallery", help=argparse.SUPPRESS)
+    p.add_argument("--query-set", dest="query_set", help=argparse.SUPPRESS)
+    p.add_argument("--results", dest="results", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.rows_per_task = args.rows_per_task or args.shard_rows
     if args.one:
         run_one(args)
+        return 0
+    if args.capacity:
+        print(capacity_table(json.loads(Path(args.capacity).read_text().strip().splitlines()[-1])))
         return 0
 
     from query_scan import write_synthetic_gallery
@@ -143,32 +266,36 @@ def main(argv=None) -> int:
     gallery = str(work / f"gallery-{args.codes}")
     if not (Path(gallery) / "manifest.json").exists():
         write_synthetic_gallery(gallery, model_id, D, M, K, args.codes, args.shard_rows)
-    kernel = kernel_rate(gallery, args.top_k)
-    print(f"kernel (torch, 1 thread, 64 queries, top-{args.top_k}): {kernel / 1e6:,.0f} M scores/s", flush=True)
+    for n in counts:
+        if not (work / f"queries-{n}").exists():
+            write_query_faces(work / f"queries-{n}", n)
+    if args.cluster:
+        print(json.dumps(cluster_runs(args, work, model, gallery, work / f"queries-{counts[-1]}")))
+        return 0
+    rates = per_core_rates(gallery, args.top_k)
+    kernel = rates["kernel_scores_per_s"]
+    print(f"per core (1 thread, 64 queries, top-{args.top_k}): kernel {kernel / 1e6:,.0f} M scores/s "
+          f"({rates['kernel_cpu_scores_per_s'] / 1e6:,.0f} M per CPU-second), code shards read "
+          f"{rates['read_codes_per_cpu_s'] / 1e6:,.1f} M codes per CPU-second", flush=True)
     runs = []
     for n in counts:
-        results = work / f"results-{n}-{time.time_ns()}"
-        query_set = work / f"queries-{n}"
-        if not query_set.exists():
-            write_query_faces(query_set, n)
-        cmd = [sys.executable, __file__, "--one", "--model", model, "--gallery", gallery, "--query-set",
-               str(query_set), "--results", str(results), "--top-k", str(args.top_k), "--rows-per-task",
-               str(args.rows_per_task), "--memory-mb", str(args.memory_mb), "--query-block", str(args.query_block)]
-        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(f"query job failed:\n{out.stderr[-3000:]}")
-        run = json.loads(out.stdout.strip().splitlines()[-1])
+        run = child(args, model, gallery, work / f"queries-{n}", work / f"results-{n}-{time.time_ns()}")
         runs.append(run)
         print(f"{run['queries']} queries x {args.codes} codes: {run['blocks']} blocks, scan {run['scan_seconds']} s "
               f"= {run['scores_per_s'] / 1e6:,.0f} M scores/s; peak tree RSS {run['peak_rss_mb']} MB, PSS "
               f"{run['peak_pss_mb']} MB (driver {run['driver_rss_mb']} MB)", flush=True)
+        print(f"  {run['tasks']} tasks of <= {run['rows_per_task']} codes, kernel {run['kernel']}; phases "
+              f"{run['phases']}", flush=True)
     last, first = runs[-1], runs[0]
     result = {"codes": args.codes, "queries": last["queries"], "peak_rss_mb": last["peak_rss_mb"],
               "scores_per_s": last["scores_per_s"], "kernel_scores_per_s": kernel,
               "efficiency": last["scores_per_s"] / (kernel * cpus()), "cpus": cpus(),
+              "task_cpu_scores_per_s": last["task_cpu_scores_per_s"],
+              "cpu_efficiency": last["task_cpu_scores_per_s"] / rates["kernel_cpu_scores_per_s"], **rates,
               "memory_ratio_rss": last["peak_rss_mb"] / max(first["peak_rss_mb"], 1),
               "memory_ratio_pss": last["peak_pss_mb"] / max(first["peak_pss_mb"], 1),
-              "top_k": args.top_k, "memory_mb": args.memory_mb, "query_block": args.query_block, "runs": runs}
+              "phases": last["phases"], "top_k": args.top_k, "memory_mb": args.memory_mb,
+              "query_block": args.query_block, "load_avg": os.getloadavg(), "runs": runs}
     print(json.dumps(result))
     return 0
 

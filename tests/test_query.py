@@ -2,6 +2,7 @@
 query faces from LFW; results must equal a brute-force scoring of every code."""
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -113,6 +114,39 @@ def test_results_equal_brute_force_for_any_shard_layout(K, queries, tmp_path):
     assert summary["kernel"] == ("fastscan" if K == 16 else "torch")
 
 
+def test_task_sizes_and_scoring_batches_give_the_same_results(queries, tmp_path, monkeypatch):
+    """Tasks sized by the job or by --rows-per-task, and kernel calls over several shards or one
+    each: the same rows; the summary accounts for every task."""
+    from pipelines.query import scan
+
+    model_url, model_id = make_model(tmp_path / "model.pt", 256)
+    N, deleted = 2000, {"f00007", "f01999"}
+    codes = random_codes(N, 2, 256, seed=3)
+    face_ids = [f"f{i:05d}" for i in range(N)]
+    gallery = write_gallery(str(tmp_path / "g"), model_id, 256, codes, face_ids, [150] * 12 + [200], tombstones=deleted)
+    expected = brute_force(model_url, queries, codes, face_ids, 15, deleted=deleted)
+    outputs = []
+    for rows_per_task, score_rows, tasks in ((0, scan.SCORE_ROWS, 1), (150, scan.SCORE_ROWS, 13), (0, 300, 1),
+                                             (700, 1, 4)):
+        monkeypatch.setattr(scan, "SCORE_ROWS", score_rows)
+        out = tmp_path / f"r-{rows_per_task}-{score_rows}.parquet"
+        summary = query_batch(model_url, gallery, queries, str(out),
+                              QueryConfig(top_k=15, rows_per_task=rows_per_task, **LOCAL))
+        assert_same(out, expected)
+        outputs.append(read_table(str(out)))
+        phases = summary["phases"]
+        assert summary["tasks"] == phases["tasks"] == tasks and phases["node_tasks"] == {"local": tasks}
+        assert phases["kernels"] == ["torch"] and summary["kernel"] == "torch"
+        assert {"read_s", "score_s", "merge_s", "startup_s", "driver_merge_s", "embed_s"} <= set(phases)
+    assert all(o.equals(outputs[0]) for o in outputs)
+    # auto picks the kernel per block: a last block of one query goes to faiss, the same results
+    cfg = dict(top_k=15, batch_size=2, **LOCAL)
+    one = query_batch(model_url, gallery, queries, str(tmp_path / "one.parquet"), QueryConfig(**cfg))
+    two = query_batch(model_url, gallery, queries, str(tmp_path / "two.parquet"), QueryConfig(query_block=4, **cfg))
+    assert (one["blocks"], one["kernel"], two["blocks"], two["kernel"]) == (1, "torch", 2, "faiss+torch")
+    assert read_table(str(tmp_path / "two.parquet")).equals(read_table(str(tmp_path / "one.parquet")))
+
+
 @pytest.mark.parametrize("kernel", ["faiss", "numpy", "torch"])
 def test_every_kernel_in_the_pipeline(kernel, queries, tmp_path):
     model_url, model_id = make_model(tmp_path / "model.pt", 256)
@@ -211,9 +245,11 @@ def test_image_folder_queries(lfw_dir, tmp_path):
 def test_ray_tasks_bounded_in_flight_match_local(queries, tmp_path, ray_local, monkeypatch):
     import ray
 
-    waited = []
+    waited = []  # the scan's waits (the driver's main thread; workers are warmed in another thread)
     wait = ray.wait
-    monkeypatch.setattr(ray, "wait", lambda refs, **kw: waited.append(len(refs)) or wait(refs, **kw))
+    main = threading.main_thread()
+    monkeypatch.setattr(ray, "wait", lambda refs, **kw: (threading.current_thread() is main and waited.append(len(refs)))
+                        or wait(refs, **kw))
     model_url, model_id = make_model(tmp_path / "model.pt", 256)
     codes = random_codes(3000, 2, 256, seed=7)
     face_ids = [f"f{i}" for i in range(3000)]

@@ -7,7 +7,8 @@ import torch
 from model.scoring import lut_scores
 from pipelines.formats.gallery import code_numpy_dtype
 from pipelines.query import kernels as kn
-from pipelines.query.topk import ShardTask, group_shards, merge_topk
+from pipelines.query.scan import task_count
+from pipelines.query.topk import ShardTask, group_shards, merge_topk, split_shards
 
 
 def make_case(nq, M, K, N, seed, kind="softmax", dup=0.2):
@@ -154,3 +155,21 @@ def test_group_shards_keeps_order_and_bounds():
     groups = group_shards(shards, 10)
     assert [[s.index for s in g] for g in groups] == [[0, 1], [2], [3, 4, 5, 6]]
     assert [[s.index for s in g] for g in group_shards(shards, 100, 2)] == [[0, 1], [2, 3], [4, 5], [6]]
+
+
+def test_split_shards_gives_runs_of_about_equal_codes_in_order():
+    shards = [ShardTask(i, f"u{i}", n) for i, n in enumerate([100] * 10 + [0, 100])]
+    groups = split_shards(shards, 3)
+    assert [s.index for g in groups for s in g] == list(range(12))  # every shard once, in order
+    assert [sum(s.rows for s in g) for g in groups] == [400, 300, 400]
+    assert [len(g) for g in split_shards(shards, 3, 2)] == [2, 2, 2, 1, 2, 2, 1]  # each run cut in twos
+    assert split_shards(shards[:1], 5) == [shards[:1]] and split_shards([], 3) == []
+
+
+def test_task_count_fills_the_slots_in_whole_rounds_and_bounds_task_length():
+    # 64 queries, 10 bytes a code: 1.64e-7 s a code at the stated rates, so a 5 s task holds ~30M codes
+    assert task_count(10**9, 10, 64, 16, 5.0) == 48  # 34 tasks of <= 5 s, rounded up to 3 rounds of 16
+    assert task_count(60 * 10**6, 10, 64, 16, 5.0) == 32  # two tasks per slot (~0.6 s each, above 0.5 s)
+    assert task_count(10**6, 10, 64, 16, 5.0) == 1  # one short task: more would be shorter than 0.5 s
+    assert task_count(0, 10, 64, 16, 5.0) == 1
+    assert task_count(10**7, 10, 10_000, 4, 5.0) == 24  # many queries: 101 s of work, 21 tasks, 6 rounds of 4

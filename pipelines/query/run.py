@@ -16,10 +16,13 @@
    ``shared``) and every scan task of the block reads them there. At most ``MAX_TOP_K``
    results (or re-rank candidates) per query.
 3. Consecutive code shards (manifest order) are grouped into tasks of about
-   ``cfg.rows_per_task`` codes; each Ray task scans its shards one at a time
-   (``scan.scan_shards``) and returns its top-k per query. At most ``cfg.max_in_flight`` tasks
+   ``cfg.rows_per_task`` codes (0: ``scan.task_count`` sizes them from the codes' bytes, the
+   block's query count, the cluster's task slots and ``cfg.task_seconds``); each Ray task
+   scans its shards one at a time, reading the next while scoring one (``scan.scan_shards``),
+   and returns its top-k per query and its phase times. At most ``cfg.max_in_flight`` tasks
    run at once and results are merged as they arrive, so memory is bounded by the shards in
-   flight and the top-k tables, whatever the gallery size. Tombstoned faces are dropped.
+   flight and the top-k tables, whatever the gallery size. Tombstoned faces are dropped. The
+   summary's ``phases`` says where the time went (``pipelines.query.account``).
 4. Optional exact re-rank (``cfg.rerank = R >= top_k``, a gallery encoded with
    ``--store-features``): the scan keeps the top-R by the LUT score, each task attaches the
    exact cosine of the query's float feature with the stored feature of its candidates, and
@@ -47,16 +50,17 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pipelines.execution import EXECUTORS, start_ray
+from pipelines.execution import EXECUTORS, cluster_cpus, cluster_gpus, start_ray
 from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint, require_opqn, stored_size
 from pipelines.formats.gallery import deleted_ids, load_quantizer, require_gallery
 from pipelines.progress import Progress, format_seconds
 from pipelines.query.kernels import KERNELS, check_kernel, choose_kernel
 from pipelines.query.rerank import Rescorer, check_depth, rerank_topk
 from pipelines.query.results import ResultsDataset, is_single_file, results_table, write_results_file
-from pipelines.query.scan import ScanSettings, scan_gallery
+from pipelines.query.account import ScanAccount
+from pipelines.query.scan import ScanSettings, scan_gallery, task_count, warm_workers
 from pipelines.query.source import add_ids, open_queries
-from pipelines.query.topk import ShardTask, empty_topk, group_shards
+from pipelines.query.topk import ShardTask, empty_topk, group_shards, split_shards
 from storage import urls
 
 log = logging.getLogger(__name__)
@@ -73,8 +77,12 @@ class QueryConfig:
                                                                  "photo used (1.0 for face crops)"})
     kernel: str = field(default="auto", metadata={"help": "scoring kernel: auto, torch, faiss, fastscan, numpy "
                                                            "(see pipelines.query.kernels)"})
-    rows_per_task: int = field(default=4_000_000, metadata={"help": "codes per scan task (consecutive shards, "
-                                                                     "at least one)"})
+    rows_per_task: int = field(default=0, metadata={"help": "codes per scan task (consecutive shards, at least one); "
+                                                           "0: from the codes' bytes, the block's query count and "
+                                                           "--task-seconds (pipelines.query.scan.task_count)"})
+    task_seconds: float = field(default=5.0, metadata={"help": "target seconds of one scan task when --rows-per-task "
+                                                                "is 0 (shorter where the cluster's slots need more "
+                                                                "tasks)"})
     shards_per_task: int = field(default=0, metadata={"help": "at most this many shards per scan task (0: no "
                                                                "limit)"})
     max_in_flight: int = field(default=0, metadata={"help": "scan tasks running or queued at once (0: 2 per CPU "
@@ -121,8 +129,10 @@ class QueryConfig:
             raise ValueError(f"unknown kernel {self.kernel!r}; choose from {KERNELS}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor must be 'ray' or 'local', got {self.executor!r}")
-        if self.rows_per_task < 1 or self.threads_per_task < 1 or self.max_in_flight < 0:
-            raise ValueError("rows_per_task and threads_per_task must be >= 1, max_in_flight >= 0")
+        if self.rows_per_task < 0 or self.threads_per_task < 1 or self.max_in_flight < 0 or self.task_seconds <= 0:
+            raise ValueError(f"rows_per_task must be >= 0 (0: from task_seconds), task_seconds > 0, threads_per_task "
+                             f">= 1 and max_in_flight >= 0, got {self.rows_per_task}, {self.task_seconds}, "
+                             f"{self.threads_per_task} and {self.max_in_flight}")
 
     @property
     def depth(self) -> int:
@@ -221,10 +231,20 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
     paired = (gallery.feature_urls() if cfg.rerank else gallery.refine_urls() if cfg.refine
               else [None] * len(gallery.shards))
     shards = [ShardTask(i, urls.join(gallery.url, s.path), s.rows, paired[i]) for i, s in enumerate(gallery.shards)]
-    groups = group_shards(shards, cfg.rows_per_task, cfg.shards_per_task)
     block = block_queries(cfg, size, mc.M, mc.K, mc.D)
     todo = max(0, source.count - start)
     n_blocks = -(-todo // block)
+    account, warm, slots = ScanAccount(), None, 1
+    if todo and cfg.executor == "ray":
+        start_ray()  # before the clock starts: the scan rate should not include Ray's start-up
+        slots = task_slots(cfg)
+        warm = warm_workers(slots, cfg.threads_per_task, cfg.gpus_per_task, account)  # while queries are embedded
+    if cfg.rows_per_task:
+        groups = group_shards(shards, cfg.rows_per_task, cfg.shards_per_task)
+    else:
+        tasks = task_count(gallery.rows, code_bytes(gallery), min(block, todo), slots, cfg.task_seconds)
+        groups = split_shards(shards, tasks, cfg.shards_per_task)
+    rows_per_task = max((sum(s.rows for s in g) for g in groups), default=0)
     kernel = choose_kernel(cfg.kernel, min(block, todo), mc.K)
     print(f"[query] {source.count} queries{f' ({start} answered before)' if start else ''}, gallery {gallery_url}: "
           f"{gallery.rows} codes in {len(shards)} shards ({len(groups)} tasks), {len(deleted)} deleted, "
@@ -235,15 +255,19 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
           f"queries", file=out, flush=True)
     if not source.count:
         log.warning("no queries in %s (split %r): writing an empty result to %s", queries_url, cfg.split, results_url)
-    if todo and cfg.executor == "ray":
-        start_ray()  # before the clock starts: the scan rate should not include Ray's start-up
-    run = {"queries": 0, "blocks": 0, "scan_seconds": 0.0, "nodes": set()}
+    run = {"queries": 0, "blocks": 0, "scan_seconds": 0.0, "rows_per_task": rows_per_task, "account": account}
     settings = ScanSettings(cfg.depth, cfg.kernel, storage_options,
                             threads=cfg.threads_per_task if cfg.executor == "ray" else 0)
 
     def embedded():
-        for qblock in source.blocks(start, block):
-            yield (qblock, *query_inputs(model, qblock.images, min(cfg.batch_size, block)))
+        blocks = source.blocks(start, block)
+        while True:
+            t = time.perf_counter()
+            if (qblock := next(blocks, None)) is None:
+                return
+            item = (qblock, *query_inputs(model, qblock.images, min(cfg.batch_size, block)))
+            run["account"].add("embed_s", time.perf_counter() - t)
+            yield item
 
     def answered():
         """(block, its result table), block by block; the next block is read and embedded in a
@@ -260,7 +284,7 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
         t_scan = time.monotonic()
         label = "query" if n_blocks == 1 else f"query {b + 1}/{n_blocks}"
         best = scan_block(tables, features, groups, deleted, settings, cfg, quantizer,
-                          Progress(len(shards), "shards", label, cfg.progress_interval, out), run["nodes"])
+                          Progress(len(shards), "shards", label, cfg.progress_interval, out), run["account"])
         run["scan_seconds"] += time.monotonic() - t_scan
         run["queries"] += len(qblock.ids)
         run["blocks"] += 1
@@ -275,12 +299,27 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
             dataset.commit_block(results, qblock.start, qblock.end, len(qblock.ids), hasher.hexdigest())
         dataset.commit_empty()
         rows, total = dataset.rows, dataset.queries
+    if warm is not None:
+        warm.result()  # long done: the scan ran after it
     return summarize(run, total, rows, gallery, shards, groups, deleted, cfg, kernel, results_url,
                      time.monotonic() - t0, out)
 
 
+def code_bytes(gallery) -> float:
+    """Bytes in storage per code of the gallery's code shards (face id and identity included)."""
+    return sum(s.size for s in gallery.shards) / max(gallery.rows, 1)
+
+
+def task_slots(cfg: QueryConfig) -> int:
+    """Scan tasks that run at once: 1 in this process, else the cluster's CPUs (or GPUs) per task."""
+    if cfg.executor != "ray":
+        return 1
+    slots = cluster_cpus() // cfg.threads_per_task
+    return max(1, min(slots, int(cluster_gpus() // cfg.gpus_per_task)) if cfg.gpus_per_task else slots)
+
+
 def scan_block(tables, features, groups, deleted, settings: ScanSettings, cfg: QueryConfig, quantizer,
-               progress: Progress, nodes: set) -> pa.Table:
+               progress: Progress, account: ScanAccount) -> pa.Table:
     """The top-k table of one block of queries over the whole gallery (re-ranked when asked)."""
     rescorer = (Rescorer.exact(features) if cfg.rerank else Rescorer.refine(quantizer, features) if cfg.refine
                 else None)
@@ -288,8 +327,7 @@ def scan_block(tables, features, groups, deleted, settings: ScanSettings, cfg: Q
         return empty_topk()
     best = scan_gallery(tables, groups, deleted, settings, progress, executor=cfg.executor,
                         max_in_flight=cfg.max_in_flight, cpus_per_task=cfg.threads_per_task,
-                        gpus_per_task=cfg.gpus_per_task, nodes=nodes if cfg.executor == "ray" else None,
-                        rescorer=rescorer)
+                        gpus_per_task=cfg.gpus_per_task, account=account, rescorer=rescorer)
     return rerank_topk(best, cfg.top_k) if rescorer is not None else best
 
 
@@ -301,15 +339,20 @@ def summarize(run: dict, total: int, rows: int, gallery, shards, groups, deleted
     codes_per_s = gallery.rows * run["blocks"] / scan_seconds if nq and scan_seconds > 0 else 0.0
     scores_per_s = gallery.rows * nq / scan_seconds if nq and scan_seconds > 0 else 0.0
     tasks = len(groups) * run["blocks"] if nq else 0
+    account = run["account"]
+    kernel = "+".join(sorted(account.kernels)) or kernel  # what the tasks used (auto: per block)
+    nodes = len(account.node_tasks) if cfg.executor == "ray" else 0
     summary = {"queries": total, "new_queries": nq, "blocks": run["blocks"], "gallery_codes": gallery.rows,
-               "deleted": len(deleted), "shards": len(shards), "tasks": tasks, "nodes": len(run["nodes"]),
-               "top_k": cfg.top_k, "rerank": cfg.rerank, "refine": cfg.refine, "kernel": kernel,
-               "result_rows": rows, "scan_seconds": round(scan_seconds, 3), "seconds": round(seconds, 3),
-               "codes_per_s": codes_per_s, "scores_per_s": scores_per_s, "results_url": results_url,
-               "config": asdict(cfg)}
+               "deleted": len(deleted), "shards": len(shards), "tasks": tasks, "nodes": nodes,
+               "rows_per_task": run["rows_per_task"], "top_k": cfg.top_k, "rerank": cfg.rerank,
+               "refine": cfg.refine, "kernel": kernel, "result_rows": rows, "scan_seconds": round(scan_seconds, 3),
+               "seconds": round(seconds, 3), "codes_per_s": codes_per_s, "scores_per_s": scores_per_s,
+               "phases": account.to_dict(), "results_url": results_url, "config": asdict(cfg)}
     blocks = f" ({run['blocks']} blocks)" if run["blocks"] > 1 else ""
     print(f"query: {nq} queries x {gallery.rows} codes ({len(shards)} shards, {tasks} tasks, {len(deleted)} "
           f"deleted) -> {rows} results in {format_seconds(seconds)}{blocks}"
           f"; scan {codes_per_s:,.0f} codes/s ({scores_per_s:,.0f} scores/s, kernel {kernel}); {results_url}",
           file=out, flush=True)
+    if nq:
+        print(f"query: scan time: {account.describe()}", file=out, flush=True)
     return summary

@@ -39,22 +39,53 @@ def empty_topk() -> pa.Table:
     return TOPK_SCHEMA.empty_table()
 
 
-def shard_topk(tables: np.ndarray, shard: ShardTask, k: int, deleted: pa.Array | None = None,
-               kernel: str = "auto", storage_options: dict | None = None) -> pa.Table:
-    """Top-k of one code shard for every query, tombstoned faces left out."""
-    M = tables.shape[1]
+@dataclass(frozen=True)
+class ShardCodes:
+    """One code shard read for scoring: its face ids, the live rows' codes and those rows'
+    numbers in the file (``rows`` None: every row is live)."""
+
+    shard: ShardTask
+    face_ids: pa.Array
+    codes: np.ndarray
+    rows: np.ndarray | None
+
+
+def read_shard(shard: ShardTask, M: int, deleted: pa.Array | None = None,
+               storage_options: dict | None = None) -> ShardCodes:
+    """A code shard's live codes (tombstoned faces left out): the I/O half of ``shard_topk``."""
     face_ids, codes = read_codes(shard.url, M, storage_options)
     rows = live_rows(face_ids, deleted)
-    if rows is not None:
-        codes = codes[rows]
-    scores, local = kernel_topk(tables, codes, k, kernel)
+    return ShardCodes(shard, face_ids, codes if rows is None else codes[rows], rows)
+
+
+def topk_table(parts: list[ShardCodes], scores: np.ndarray, local: np.ndarray) -> pa.Table:
+    """The kernel's per-query best (``scores``, ``local`` rows of the parts' codes concatenated in
+    order) as a top-k table: each row mapped back to its shard and row in that shard's file."""
     nq, kk = scores.shape
     if kk == 0:
         return empty_topk()
-    row = local.ravel() if rows is None else rows[local.ravel()]
-    return pa.table({"query": np.repeat(np.arange(nq, dtype=np.int32), kk), "score": scores.ravel(),
-                     "shard": np.full(nq * kk, shard.index, np.int32), "row": row.astype(np.int64),
-                     "face_id": face_ids.take(pa.array(row))}, schema=TOPK_SCHEMA)
+    flat = local.ravel()
+    ends = np.cumsum([len(p.codes) for p in parts])
+    which = np.searchsorted(ends, flat, side="right")
+    within = flat - (ends - [len(p.codes) for p in parts])[which]
+    row = np.empty(len(flat), np.int64)
+    order = np.argsort(which, kind="stable")  # taken part by part, then put back in place
+    face_ids = []
+    for i, p in enumerate(parts):
+        at = order[np.searchsorted(which[order], i, "left"):np.searchsorted(which[order], i, "right")]
+        row[at] = within[at] if p.rows is None else p.rows[within[at]]
+        face_ids.append(p.face_ids.take(pa.array(row[at])))
+    face_id = pa.concat_arrays(face_ids).take(pa.array(np.argsort(order)))
+    shard = np.array([p.shard.index for p in parts], np.int32)[which]
+    return pa.table({"query": np.repeat(np.arange(nq, dtype=np.int32), kk), "score": scores.ravel(), "shard": shard,
+                     "row": row, "face_id": face_id}, schema=TOPK_SCHEMA)
+
+
+def shard_topk(tables: np.ndarray, shard: ShardTask, k: int, deleted: pa.Array | None = None,
+               kernel: str = "auto", storage_options: dict | None = None) -> pa.Table:
+    """Top-k of one code shard for every query, tombstoned faces left out."""
+    part = read_shard(shard, tables.shape[1], deleted, storage_options)
+    return topk_table([part], *kernel_topk(tables, part.codes, k, kernel))
 
 
 def best_per_query(table: pa.Table, k: int, score: str = "score") -> pa.Table:
@@ -92,3 +123,18 @@ def group_shards(shards: list[ShardTask], rows_per_task: int, max_shards_per_tas
     if current:
         groups.append(current)
     return groups
+
+
+def split_shards(shards: list[ShardTask], tasks: int, max_shards_per_task: int = 0) -> list[list[ShardTask]]:
+    """Consecutive shards in about ``tasks`` groups of about equal codes: a shard joins the group
+    its middle code falls in (then groups of at most ``max_shards_per_task`` shards, if set)."""
+    total = sum(s.rows for s in shards)
+    groups: dict[int, list[ShardTask]] = {}
+    start = 0
+    for shard in shards:
+        groups.setdefault(min(tasks - 1, int((start + shard.rows / 2) * tasks / max(total, 1))), []).append(shard)
+        start += shard.rows
+    out = list(groups.values())
+    if max_shards_per_task:
+        out = [g[i:i + max_shards_per_task] for g in out for i in range(0, len(g), max_shards_per_task)]
+    return out
