@@ -44,11 +44,13 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return m
 
 
-def warp_face(image: Image.Image, landmarks: np.ndarray, size: int) -> Image.Image:
+def warp_face(image: Image.Image, landmarks: np.ndarray, size: int,
+              fill: tuple[int, int, int] | None = None) -> Image.Image:
     """Aligned ``size`` x ``size`` RGB crop of ``image`` (full resolution) given its 5 landmarks.
 
     When the face is much larger than the crop, the face region is first shrunk with a box
     filter so the final bilinear warp does not alias (a 600-pixel face into 32 pixels).
+    Outside the photo the crop is black, or ``fill`` (the canvas colour a face was found on).
     """
     # PIL samples in continuous coordinates (pixel i spans [i, i+1)); landmarks and the
     # template are pixel indices (centre at i), hence the half-pixel shifts.
@@ -64,14 +66,24 @@ def warp_face(image: Image.Image, landmarks: np.ndarray, size: int) -> Image.Ima
         x1, y1 = np.ceil(pts.max(0)) + 2 * factor
         w = int(np.ceil((x1 - x0) / factor)) * factor
         h = int(np.ceil((y1 - y0) / factor)) * factor
-        region = image.crop((int(x0), int(y0), int(x0) + w, int(y0) + h))
+        region = _crop(image, (int(x0), int(y0), int(x0) + w, int(y0) + h), fill)
         image = region.resize((w // factor, h // factor), Image.Resampling.BOX)
         # input coords of the shrunk region: p_small = (p - origin) / factor
         shift = np.array([[1.0 / factor, 0, -int(x0) / factor], [0, 1.0 / factor, -int(y0) / factor], [0, 0, 1]])
         m = m @ np.linalg.inv(shift)
         inv = _invert(m)
     coeffs = tuple(inv[0].tolist() + inv[1].tolist())
-    return image.transform((size, size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
+    return image.transform((size, size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR,
+                           fillcolor=fill)
+
+
+def _crop(image: Image.Image, box: tuple[int, int, int, int], fill) -> Image.Image:
+    """``image.crop(box)`` with ``fill`` (not black) where the box leaves the image."""
+    if fill is None:
+        return image.crop(box)
+    out = Image.new("RGB", (box[2] - box[0], box[3] - box[1]), tuple(fill))
+    out.paste(image, (-box[0], -box[1]))
+    return out
 
 
 def _invert(m: np.ndarray) -> np.ndarray:

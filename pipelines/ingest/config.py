@@ -15,7 +15,8 @@ PROTOCOLS = ("single", "cross")
 class IngestConfig:
     """How photos become face rows.
 
-    Crop: ``size`` (112 for real models, 32/64 for CPU work), ``image_format`` png|jpeg.
+    Crop: ``size`` (112 for real models, 32/64 for CPU work), ``image_format`` png|jpeg;
+    ``aligned`` photos are face crops already (no detection, centre square resized).
     Faces: one per photo picked by ``select`` (largest box, most ``central`` big box, or best
     ``score``) unless ``keep_all`` (galleries of group photos); detections under
     ``min_score`` are ignored. The detector sees the photo shrunk to ``detect_max_side``.
@@ -37,6 +38,9 @@ class IngestConfig:
     select: str = field(default="largest", metadata={"help": "which face of a photo to keep: the largest box, the "
                                                               "most central big box, or the best score",
                                                       "choices": SELECTIONS})
+    aligned: bool = field(default=False, metadata={
+        "help": "the photos already are aligned face crops: no detection, each is resized (keeping its aspect, "
+                "centre-cropped) to the crop size"})
     keep_all: bool = field(default=False, metadata={"help": "keep every face of a photo (galleries of group "
                                                              "photos)"})
     min_score: float = field(default=0.9, metadata={"help": "ignore detections below this score"})
@@ -102,7 +106,7 @@ class IngestConfig:
 
     def recorded(self) -> dict:
         """The settings that shape the rows, stored in the manifest so re-runs can check them."""
-        keys = ("size", "image_format", "jpeg_quality", "select", "keep_all", "min_score", "min_face_size",
+        keys = ("size", "image_format", "jpeg_quality", "aligned", "select", "keep_all", "min_score", "min_face_size",
                 "thresholds", "detect_max_side", "protocol", "query_fraction", "unseen_fraction",
                 "min_photos", "seed")
         d = dataclasses.asdict(self)

@@ -1,7 +1,8 @@
 """One photo in -> face rows or one reject. Plain Python: no Ray, no storage.
 
 A row carries the aligned crop (encoded), the box and landmarks in the original photo's
-pixel coordinates, and ``face_id = <sha256 of the photo bytes, 24 hex>-<face index>``: stable
+pixel coordinates (for photos that already are aligned crops, ``--aligned``: the photo's centre
+square, no landmarks and no score), and ``face_id = <sha256 of the photo bytes, 24 hex>-<face index>``: stable
 across re-runs and renames, unique as long as duplicate photos are rejected (they are, by the
 driver, before any photo reaches this module).
 """
@@ -12,7 +13,11 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
+from pipelines.formats import faces as face_format
+
+from . import retry
 from .align import warp_face
 from .config import IngestConfig
 from .decode import NO_FACE, Decoded, Rejected, decode
@@ -74,8 +79,9 @@ def encode(image, config: IngestConfig) -> bytes:
     return buf.getvalue()
 
 
-def face_rows(photo: Photo, photo_hash: str, decoded: Decoded, det: Detections, config: IngestConfig) -> list[dict]:
+def face_rows(photo: Photo, photo_hash: str, decoded: Decoded, found: retry.Found, config: IngestConfig) -> list[dict]:
     """Face rows for one decoded photo and its detections; raises ``Rejected(no_face)`` if none."""
+    det = found.detections
     width, height = decoded.detect.shape[1], decoded.detect.shape[0]
     keep = select_faces(det, width, height, config)
     if not keep:
@@ -85,7 +91,7 @@ def face_rows(photo: Photo, photo_hash: str, decoded: Decoded, det: Detections, 
     for index, i in enumerate(keep):
         box = det.boxes[i] * decoded.scale
         points = det.landmarks[i] * decoded.scale
-        crop = warp_face(decoded.image, points, config.size)
+        crop = warp_face(decoded.image, points, config.size, found.fill)
         rows.append({
             "face_id": face_id(photo_hash, index),
             "identity": photo.identity,
@@ -99,11 +105,32 @@ def face_rows(photo: Photo, photo_hash: str, decoded: Decoded, det: Detections, 
     return rows
 
 
+def aligned_rows(photo: Photo, photo_hash: str, decoded: Decoded, config: IngestConfig) -> list[dict]:
+    """The one face row of a photo that already is an aligned face crop (``config.aligned``):
+    its centre square, resized to the crop size; no detection, so no landmarks or score."""
+    w, h = decoded.image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    crop = Image.fromarray(face_format.face_array(decoded.image, config.size, 1.0).transpose(1, 2, 0))
+    return [{
+        "face_id": face_id(photo_hash, 0),
+        "identity": photo.identity,
+        "source": photo.source,
+        "split": photo.split,
+        "image": encode(crop, config),
+        "box": [float(left), float(top), float(left + side), float(top + side)],
+        "landmarks": None,
+        "det_score": None,
+    }]
+
+
 def process_photos(photos: list[Photo], detector, config: IngestConfig) -> tuple[list[dict], list[dict], list[dict]]:
     """Faces, rejects and one index row per photo, for a batch of photos of any sizes.
 
     Decoding happens per photo; detection runs once for the whole batch (the detector groups
-    equal sizes). Every photo ends in exactly one of faces (>= 1 rows) or rejects (1 row).
+    equal sizes), then once per retry (``retry.LOOKS``) for the photos still without a face.
+    With ``config.aligned`` there is no detection: each photo is its own face crop. Every photo
+    ends in exactly one of faces (>= 1 rows) or rejects (1 row).
     """
     faces: list[dict] = []
     rejects: list[dict] = []
@@ -126,10 +153,15 @@ def process_photos(photos: list[Photo], detector, config: IngestConfig) -> tuple
             reject(photo, photo_hash, exc.reason, exc.detail)
             continue
         ready.append((photo, photo_hash, decoded))
-    detections = detector.detect([d.detect for _, _, d in ready]) if ready else []
-    for (photo, photo_hash, decoded), det in zip(ready, detections):
+    if config.aligned:
+        found = [None] * len(ready)
+    else:
+        found = retry.detect(detector, [d.detect for _, _, d in ready], lambda det, img: bool(
+            select_faces(det, img.shape[1], img.shape[0], config)), config.detect_max_side)
+    for (photo, photo_hash, decoded), det in zip(ready, found):
         try:
-            rows = face_rows(photo, photo_hash, decoded, det, config)
+            rows = (aligned_rows(photo, photo_hash, decoded, config) if config.aligned
+                    else face_rows(photo, photo_hash, decoded, det, config))
         except Rejected as exc:
             reject(photo, photo_hash, exc.reason, exc.detail)
             continue

@@ -134,6 +134,8 @@ def _check_settings(manifest, dataset: str, config: IngestConfig) -> None:
     if not old:
         return
     new = config.recorded()
+    # a setting newer than the dataset's manifest was, there, its default
+    old = {**IngestConfig().recorded(), **old}
     diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]}
     if diff:
         details = ", ".join(f"{k}: dataset has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())

@@ -69,7 +69,10 @@ def process_shard(items: list[dict], dataset: str, config: IngestConfig, detecto
 
 
 def detector(config: IngestConfig):
-    """The MTCNN of this worker process, built once and kept between tasks and runs."""
+    """The MTCNN of this worker process, built once and kept between tasks and runs (none for
+    ``aligned`` photos, which are not detected)."""
+    if config.aligned:
+        return None
     from .mtcnn import MTCNN
 
     key = ("mtcnn", config.min_face_size, tuple(config.thresholds))
