@@ -5,17 +5,14 @@ Writers write data files first (``write_data_file``), then ``commit`` a change t
 manifest; readers only trust what the manifest lists. So a crash leaves at most some
 unlisted files (see ``orphans``), never a half dataset.
 
-Manifest JSON (version 1)::
+Manifest JSON (version 1; generation +1 on every commit; files in commit order, one a line)::
 
     {
-      "format": "opqn-manifest",
-      "version": 1,
-      "generation": 3,                      # +1 on every commit
-      "files": [                            # in commit order
-        {"path": "codes/part-20261124T050102-0f3a...parquet",   # relative to root
-         "rows": 1000, "size": 123456, "sha256": "<64 hex>"}
-      ],
-      "metadata": {...}                     # free JSON object (model id, D, M, K, ...)
+     "format": "opqn-manifest", "version": 1, "generation": 3,
+     "files": [
+      {"path": "codes/part-20261124T050102-0f3a...parquet", "rows": 1000, "size": 123456, "sha256": "<64 hex>"}
+     ],
+     "metadata": {"model_id": "...", "D": 64}     # free JSON object (model id, D, M, K, ...), one key a line
     }
 
 Concurrency: ``commit`` is an optimistic compare-and-swap loop over one document
@@ -30,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import logging
 import random
@@ -100,7 +98,12 @@ class Manifest:
                 "files": [f.to_dict() for f in self.files], "metadata": dict(self.metadata)}
 
     def to_json(self) -> bytes:
-        return (json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n").encode()
+        """One file (metadata key) a line, by json's C encoder (``indent`` is slow pure Python)."""
+        dump = functools.partial(json.dumps, ensure_ascii=False)
+        listed = ",".join(f"\n  {dump(f.to_dict())}" for f in self.files) + ("\n " if self.files else "")
+        meta = ",".join(f"\n  {dump(str(k))}: {dump(v)}" for k, v in self.metadata.items()) + ("\n " if self.metadata else "")
+        return (f'{{\n "format": {dump(FORMAT)}, "version": {VERSION}, "generation": {self.generation},\n'
+                f' "files": [{listed}],\n "metadata": {{{meta}}}\n}}\n').encode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,8 +352,8 @@ def commit(root: str, change: Change, storage_options: dict | None = None, *,
         new = change.apply(current) if isinstance(change, Delta) else change(current)
         if not isinstance(new, Manifest):
             raise TypeError(f"commit to {murl}: change returned {type(new).__name__}, not Manifest")
-        new = _validated(dataclasses.replace(new, generation=current.generation + 1), murl)
-        if store.swap(new.to_json(), token):
+        new, payload = _validated(dataclasses.replace(new, generation=current.generation + 1), murl)
+        if store.swap(payload, token):
             log.info("committed %s generation %d (%d files)", murl, new.generation, len(new.files))
             for hook in COMMIT_HOOKS:
                 hook(root, new)
@@ -362,14 +365,14 @@ def commit(root: str, change: Change, storage_options: dict | None = None, *,
         f"commit to {murl} lost the compare-and-swap race {max_attempts} times; giving up", murl)
 
 
-def _validated(manifest: Manifest, murl: str) -> Manifest:
-    """Refuse to write a manifest we would refuse to read."""
+def _validated(manifest: Manifest, murl: str) -> tuple[Manifest, bytes]:
+    """Refuse to write a manifest we would refuse to read; (it as read back, its bytes)."""
     try:
         data = manifest.to_json()
     except (TypeError, ValueError) as exc:
         raise ManifestError(f"commit to {murl}: metadata is not JSON-serialisable: {exc}",
                             manifest=murl) from exc
-    return parse_manifest(data, murl)
+    return parse_manifest(data, murl), data
 
 
 def _check_added(root: str, entries: Iterable[FileEntry], storage_options: dict | None) -> None:
