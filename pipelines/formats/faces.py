@@ -4,7 +4,8 @@
 photo's sha256, 24 hex, and the face's index in the photo), identity string (nullable), source
 string (the photo's URL), split string, image binary (the encoded aligned crop, PNG or JPEG, one
 size for the whole dataset), box list<float32>[4] and landmarks list<float32>[10] in the photo's
-own pixels, det_score float32.
+own pixels, det_score float32 (landmarks and det_score are null in a dataset prepared with
+``aligned``: photos that already were face crops, taken without detection).
 ``<dataset>/rejects/part-*.parquet``: one row per photo that gave no face (``REJECT_SCHEMA``):
 source, reason (a short code), detail, identity.
 ``<dataset>/sources/part-*.parquet``: one row per input photo (``SOURCE_SCHEMA``): source,
