@@ -2,9 +2,9 @@
 
 With ``ray_jobs_address`` (a Ray cluster's dashboard URL, e.g. http://head:8265) the run is
 submitted through the Ray Jobs API under a submission id derived from its settings, so a
-retried flow follows the job it started instead of starting a second one (flows/ray_job.py),
-and its log is followed into the flow run; otherwise the pipeline runs
-here, on in-process Ray or on the cluster named by RAY_ADDRESS.
+retried flow follows the job it started instead of starting a second one, its log is
+followed into the flow run, and cancelling the flow stops it (flows/ray_job.py); otherwise
+the pipeline runs here, on in-process Ray or on the cluster named by RAY_ADDRESS.
 """
 from __future__ import annotations
 

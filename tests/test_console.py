@@ -45,3 +45,28 @@ def test_quiet_unless_verbose(monkeypatch):
     execution.quiet_engines()
     assert os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] == execution.ENGINE_NOISE
     assert os.environ["RAY_COLOR_PREFIX"] == "0"  # pytest's stdout is no terminal
+
+
+
+def test_progress_lines_are_records_of_the_stages_logger_printed_as_they_are(capsys):
+    """The console shows each line as it is (no level or logger name), to the stream the stage
+    was given; the stage's logger filters them like any log."""
+    import io
+    import logging
+
+    from pipelines.progress import Progress, say
+
+    out = io.StringIO()
+    Progress(2, "shards", "query 1/2", interval=0, stream=out).update(2)
+    say("train", "[train] epoch 1/2 loss 1.0", out)
+    say("pipeline", "[pipeline] stage train ...")  # no stream: stderr
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[query 1/2] 2/2 shards (100%) ") and lines[1] == "[train] epoch 1/2 loss 1.0"
+    assert capsys.readouterr().err == "[pipeline] stage train ...\n"
+    logger = logging.getLogger("opqn.train")
+    logger.setLevel(logging.WARNING)
+    try:
+        say("train", "[train] epoch 2/2 loss 0.5", out)
+    finally:
+        logger.setLevel(logging.NOTSET)
+    assert "epoch 2/2" not in out.getvalue()

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 
-from pipelines.progress import format_seconds
+from pipelines.progress import format_seconds, say
 from pipelines.train.recipe import Recipe
 from storage import files, urls
 
@@ -155,7 +155,7 @@ def evaluate(cfg: PipelineConfig, where: dict, out) -> dict:
         logger.setLevel(level)
     q, f, spread = r["quantized"], r["float"], r.get("code_spread") or {}
     for warning in r.get("warnings", []):
-        print(f"[pipeline] {warning}", file=out, flush=True)
+        say("pipeline", f"[pipeline] {warning}", out)
     return {"map": q["map"], "p_at_5": q["precision_at"].get(5), "map_float": f["map"],
             "queries": q["queries"], "database": q["database"], "largest_bucket": spread.get("largest_bucket"),
             "codewords_used": spread.get("codewords_used_mean"), "report": where["report"]}
@@ -175,13 +175,13 @@ STAGES = [("prepare", prepare), ("train", train), ("encode", encode), ("query", 
 
 
 def run_stage(name: str, fn, cfg: PipelineConfig, where: dict, out) -> dict:
-    print(f"[pipeline] stage {name} ...", file=out, flush=True)
+    say("pipeline", f"[pipeline] stage {name} ...", out)
     t0 = time.monotonic()
     result = fn(cfg, where, out)
     result["seconds"] = round(time.monotonic() - t0, 1)
-    print(f"[pipeline] stage {name} done in {format_seconds(result['seconds'])}: "
-          + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                      for k, v in result.items() if k != "seconds"), file=out, flush=True)
+    say("pipeline", f"[pipeline] stage {name} done in {format_seconds(result['seconds'])}: "
+        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in result.items() if k != "seconds"), out)
     return result
 
 
@@ -211,12 +211,12 @@ def run_pipeline(cfg: PipelineConfig, out=None) -> dict:
     where = stage_urls(cfg)
     check_inputs(cfg)  # before Ray starts: a typo costs a second, not a cluster start
     t0 = time.monotonic()
-    print(f"[pipeline] {cfg.source()} -> {cfg.workdir} ({len(STAGES)} stages: "
-          f"{', '.join(n for n, _ in STAGES)})", file=out, flush=True)
+    say("pipeline", f"[pipeline] {cfg.source()} -> {cfg.workdir} ({len(STAGES)} stages: "
+        f"{', '.join(n for n, _ in STAGES)})", out)
     from pipelines.execution import start_ray
 
     start_ray()  # one Ray for every stage (in-process, or the cluster of RAY_ADDRESS)
     results = {name: run_stage(name, fn, cfg, where, out) for name, fn in STAGES}
     seconds = time.monotonic() - t0
-    print(summary_line(results, where, seconds), file=out, flush=True)
+    say("pipeline", summary_line(results, where, seconds), out)
     return write_summary(cfg, where, results, seconds)
