@@ -7,6 +7,6 @@ import os
 if not os.environ.get("RAY_ADDRESS"):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Ray Train both prints a worker's print() and logs it, so every epoch line showed twice;
-# our workers print their own progress lines, so keep plain print.
+# Ray Train both prints a worker's print() and logs it, so a worker's line would show twice
+# where worker output is forwarded (`--verbose`); the epoch lines come from the driver.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
