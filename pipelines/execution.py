@@ -26,7 +26,9 @@ _CACHE: dict = {}
 # start-up and per-report lines (each worker's whole metrics dict every epoch; the job prints
 # its own epoch line), the placement-group cleaner's "State API unavailable" warning, which
 # repeats every second without a dashboard, and Ray Data's notice that the progress bars
-# start_ray turned off are off. Dropped unless OPQN_VERBOSE is set (`--verbose`).
+# start_ray turned off are off. start_ray forwards worker output only with `--verbose`
+# (OPQN_VERBOSE), which keeps all of it; this filter is for a caller that asks for worker
+# output (``worker_logs=True``) without it.
 ENGINE_NOISE = "|".join([
     r"Failed to query Ray Train Controller actor state",
     r"has constructor arguments in the object store and max_restarts",
