@@ -1,7 +1,7 @@
 """Progress lines for long jobs: count / total, rate, ETA, then one summary line.
 
-Every stage's progress and summary lines are log records of a logger per stage under
-``opqn`` (``opqn.prepare``, ``opqn.train``, ``opqn.encode``, ``opqn.query``, ``opqn.pipeline``),
+Progress lines, and the other lines a stage hands to ``say``, are log records of a logger
+per stage under ``opqn`` (``opqn.prepare``, ``opqn.train``, ``opqn.encode``, ``opqn.query``, ``opqn.pipeline``),
 so they can be filtered (``logging.getLogger("opqn.train").setLevel(logging.WARNING)``) or
 sent elsewhere like any log. By default ``opqn`` writes each message as it is, with
 ``print``, to the stream the stage was given (stdout or stderr, the command decides): the
