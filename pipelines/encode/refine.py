@@ -23,6 +23,7 @@ from pipelines.formats.checkpoint import model_from_checkpoint, stored_size
 from pipelines.formats.faces import decode_face, read_face_columns
 from pipelines.formats.gallery import Gallery
 from pipelines.formats.gallery_writer import write_quantizer
+from pipelines.progress import say
 from storage.manifest import FileEntry
 
 
@@ -85,7 +86,6 @@ def prepare_refine(state: dict, gallery: Gallery | None, gallery_url: str, sourc
                          f"decodable face of splits {list(cfg.splits) or 'any'}")
     quantizer = train_quantizer(features, cfg.refine_bytes, cfg.refine_dim)
     entry, meta = write_quantizer(gallery_url, quantizer, len(features))
-    print(f"encode: trained a {quantizer.bytes}-byte refine quantizer (PQ {quantizer.bytes} x 8 bit over a "
-          f"{quantizer.dim}-dim projection of D={quantizer.D}) on {len(features)} faces -> {entry.path}",
-          file=out, flush=True)
+    say("encode", f"encode: trained a {quantizer.bytes}-byte refine quantizer (PQ {quantizer.bytes} x 8 bit over "
+        f"a {quantizer.dim}-dim projection of D={quantizer.D}) on {len(features)} faces -> {entry.path}", out)
     return RefineSetup(meta, entry)

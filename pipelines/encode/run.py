@@ -28,7 +28,7 @@ from pipelines.formats.face_erasure import encoded_key, record_gallery, replaced
 from pipelines.formats.faces import face_shards, read_face_columns
 from pipelines.formats.gallery import erased_hashes, gallery_metadata, open_gallery
 from pipelines.formats.gallery_writer import commit_sources
-from pipelines.progress import Progress, format_seconds
+from pipelines.progress import Progress, format_seconds, say
 from storage import lease, urls
 
 
@@ -129,8 +129,8 @@ def _encode(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig, o
                "sources_skipped": skipped, "faces": 0, "rejected": 0, "code_shards_written": 0, "commits": 0,
                "store_features": cfg.store_features, "refine_bytes": cfg.refine_bytes}
     if not todo:
-        print(f"encode: nothing new in {dataset} for {gallery_url} ({skipped} source shard(s) already encoded)",
-              file=out, flush=True)
+        say("encode", f"encode: nothing new in {dataset} for {gallery_url} ({skipped} source shard(s) already "
+            f"encoded)", out)
         return summary
     refine = prepare_refine(state, gallery, gallery_url, [url for url, _, _ in todo], cfg, out)
     if cfg.executor == "ray":
@@ -144,10 +144,10 @@ def _encode(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig, o
                     erased=erased_hashes(gallery_url) if gallery else frozenset(),
                     refine_quantizer=refine.quantizer if refine else None)
     total = sum(expected.values())
-    print(f"encode: {total} faces in {len(todo)} new source shard(s) of {dataset} -> {gallery_url} "
-          f"(model {state['model_id']}, {skipped} source shard(s) already encoded"
-          f"{', with float16 features' if cfg.store_features else ''}"
-          f"{f', with {cfg.refine_bytes}-byte refine codes' if cfg.refine_bytes else ''})", file=out, flush=True)
+    say("encode", f"encode: {total} faces in {len(todo)} new source shard(s) of {dataset} -> {gallery_url} "
+        f"(model {state['model_id']}, {skipped} source shard(s) already encoded"
+        f"{', with float16 features' if cfg.store_features else ''}"
+        f"{f', with {cfg.refine_bytes}-byte refine codes' if cfg.refine_bytes else ''})", out)
     progress = Progress(total, "faces", "encode", stream=out)
     pending, last_commit = [], time.monotonic()  # written, not yet committed source shards
 
@@ -179,8 +179,8 @@ def _encode(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig, o
             progress.update(faces + rejected)
     flush(force=True)
     summary["seconds"] = time.monotonic() - t0
-    print(f"encode done in {format_seconds(summary['seconds'])}: {summary['faces']} faces encoded, "
-          f"{summary['rejected']} rejected, {summary['code_shards_written']} code shard(s) written, "
-          f"{summary['sources_encoded']} source shard(s) new in {summary['commits']} commit(s), "
-          f"{skipped} skipped as already encoded", file=out, flush=True)
+    say("encode", f"encode done in {format_seconds(summary['seconds'])}: {summary['faces']} faces encoded, "
+        f"{summary['rejected']} rejected, {summary['code_shards_written']} code shard(s) written, "
+        f"{summary['sources_encoded']} source shard(s) new in {summary['commits']} commit(s), "
+        f"{skipped} skipped as already encoded", out)
     return summary
