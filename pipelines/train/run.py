@@ -99,8 +99,7 @@ def train(cfg: RayTrainConfig, out=None) -> dict:
     per_worker, share = cfg.batch_size // cfg.workers, rows // cfg.workers
     if share < per_worker:
         say("train", f"note: {rows} training faces give each of {cfg.workers} workers ~{share}, less than a batch "
-            f"of {per_worker}: " + ("each step takes a worker's whole share" if in_memory else "lower --batch-size"),
-            out)
+            f"of {per_worker}: each step takes a worker's whole share", out)
     with epoch_feed(cfg.epochs, cfg.model_url, out) as feed:  # the epoch lines: rank 0 -> this driver
         trainer = TorchTrainer(
             train_worker,

@@ -122,6 +122,9 @@ def train_worker(loop_config: dict) -> None:
         steps = max(1, smallest // per_worker)
     else:
         shard = ray.train.get_dataset_shard("train")
+        # a batch is never larger than a worker's share (Ray Train splits the rows equally), so a
+        # dataset smaller than a batch per worker still trains: one step of its whole share
+        per_worker = max(1, min(per_worker, loop_config["rows"] // world))
         steps = max(1, loop_config["rows"] // world // per_worker)
     load_seconds = time.monotonic() - t_load
     model = build_network(cfg.variant, loop_config["network_config"])
