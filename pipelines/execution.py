@@ -28,7 +28,9 @@ _CACHE: dict = {}
 # repeats every second without a dashboard, and Ray Data's notice that the progress bars
 # start_ray turned off are off. start_ray forwards worker output only with `--verbose`
 # (OPQN_VERBOSE), which keeps all of it; this filter is for a caller that asks for worker
-# output (``worker_logs=True``) without it.
+# output (``worker_logs=True``) without it, and for the raylet's warnings, which reach every
+# driver's console whatever ``worker_logs`` says ("N PYTHON worker processes have been
+# started": worker start-up on a busy machine).
 ENGINE_NOISE = "|".join([
     r"Failed to query Ray Train Controller actor state",
     r"has constructor arguments in the object store and max_restarts",
@@ -41,6 +43,7 @@ ENGINE_NOISE = "|".join([
     r"Wrapping provided model in DistributedDataParallel",
     r"Reporting training result \d+: TrainingReport\(",
     r"Progress bars (for operators )?disabled\. To enable",
+    r"PYTHON worker processes have been started on node",
 ])
 
 

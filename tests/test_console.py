@@ -18,6 +18,8 @@ ENGINE_LINES = [
     "Wrapping provided model in DistributedDataParallel.",
     "Reporting training result 1: TrainingReport(checkpoint=None, metrics={'epoch': 1}, validation=False) from rank 0",
     "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
+    "WARNING: 8 PYTHON worker processes have been started on node: b3ae with address: 127.0.0.1, which is 4x the "
+    "maximum expected startup concurrency of 2",
 ]
 JOB_LINES = [
     "[train] epoch 1/2 loss 25.9478 clf_x 25.2859 clf_s 26.1333 entropy 2.3674 acc 0.188 250.3 samples/s",
