@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 
 MODEL_KEY = "opqn_model_url"  # job metadata: which model URL a job trains into
-STOP_WAIT_SECONDS = 30.0
+STOP_WAIT_SECONDS = 10.0  # within the grace a Prefect worker gives a cancelled run before SIGKILL
 LOG_GRACE_SECONDS = 10.0  # how long the log may trail the job's end
 
 
