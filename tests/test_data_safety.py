@@ -24,8 +24,9 @@ from pipelines.encode.encoder import EncodeJob, NonFiniteFeaturesError, check_mo
 from pipelines.encode.run import EncodeConfig, encode_gallery
 from pipelines.formats import faces as face_format
 from pipelines.formats.checkpoint import load_checkpoint, save_checkpoint
-from pipelines.formats.gallery import (FEATURES_DIR, REJECTS_DIR, code_table, deleted_ids, feature_table,
-                                       gallery_metadata, open_gallery, require_gallery)
+from pipelines.formats.gallery import (ERASED_DIR, FEATURES_DIR, REJECTS_DIR, code_table, deleted_ids,
+                                       erased_hashes, face_id_hash, feature_table, gallery_metadata, open_gallery,
+                                       require_gallery)
 from pipelines.formats.gallery_writer import commit_sources, compact, delete_faces, list_files, write_code_shard, \
     write_source
 from pipelines.query.topk import ShardTask, merge_topk, shard_topk
@@ -346,6 +347,9 @@ def test_compaction_keeps_the_order_of_equal_score_ties(tmp_path):
     assert before[:6] == ["s0-f0", "s0-f2", "s0-f3", "s1-f0", "s1-f1", "s1-f2"]
     result = compact(gallery)
     assert result["removed_faces"] == 2 and result["tombstones_dropped"] == 1
+    records = [f for f in mf.read_manifest(gallery).files if f.path.startswith(ERASED_DIR + "/")]
+    assert len(records) == 1 and erased_hashes(gallery) == {face_id_hash("s0-f1"), face_id_hash("s2-f3")}
+    assert compact(gallery)["rewritten"] == 0  # nothing left to do
     assert topk() == before
     g = require_gallery(gallery)
     assert [fid for u in g.shard_urls() for fid in read_table(u).column("face_id").to_pylist()][:3] == \

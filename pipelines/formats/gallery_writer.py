@@ -5,10 +5,11 @@ Nothing written here is visible until a manifest commit lists it. A source face 
 committed whole (``commit_sources``): its code shards, paired feature/refine shards, rejects and
 watermark entry appear in one atomic commit, so a crash leaves only whole source shards listed
 and a re-run encodes exactly the rest. Deleting rewrites the gallery's one tombstone file (the
-earlier ids and the new ones) in one commit, so queries skip those faces at once; compaction later rewrites only the code shards that
-hold deleted faces (with their paired shards, row for row) and the rejects files naming erased
-faces, and swaps them in with the tombstones removed, again in one commit. Both leave the old
-files in place for readers of the previous manifest (``storage.vacuum`` deletes them later).
+earlier ids and the new ones) in one commit, so queries skip those faces at once; compaction
+later rewrites only the code shards that hold deleted faces (with their paired shards, row for
+row) and the rejects files naming erased faces, merges the erasure records into one, and swaps
+them in with the tombstones removed, again in one commit. Both leave the old files in place for
+readers of the previous manifest (``storage.vacuum`` deletes them later).
 Every function takes ``storage_options`` (s3fs options that override the environment).
 """
 from __future__ import annotations
@@ -201,7 +202,7 @@ def _paired_kinds(gallery: Gallery, i: int) -> list[tuple[str, FileEntry, pa.Sch
 def compact(gallery_url: str, storage_options: dict | None = None) -> dict:
     """Rewrite the shards holding tombstoned faces without them and drop the tombstones; rewrite
     the rejects files holding erased faces (``erased_hashes``: deleted ever, encoded or not) without
-    them, so no file the manifest lists names a deleted face.
+    them, so no file the manifest lists names a deleted face; merge the erasure records into one.
 
     Each rewritten shard takes its original's place in the manifest (its paired shards theirs),
     so the surviving faces keep their scan order and equal-score ties resolve as before. Holds
@@ -210,9 +211,11 @@ def compact(gallery_url: str, storage_options: dict | None = None) -> dict:
         return _compact(gallery_url, storage_options)
 
 
-def _erased_rejects(gallery_url: str, storage_options: dict | None) -> tuple[dict, int]:
-    """({old rejects path: [its rewrite] or []}, rows dropped) for the listed rejects files that
-    hold erased faces (encode's rejects name faces it could not decode, deleted ones included)."""
+def _erasure_rewrites(gallery_url: str, storage_options: dict | None) -> tuple[dict, int, int]:
+    """({old path: [its rewrite] or []}, rejects files rewritten, reject rows dropped): the listed
+    rejects files that hold erased faces (encode's rejects name faces it could not decode, deleted
+    ones included) without those rows, and the erasure records merged into one file (each delete
+    adds one; encode reads them all)."""
     manifest = read_manifest(gallery_url, storage_options)
     erased = erased_hashes(gallery_url, storage_options)
     replacing, dropped = {}, 0
@@ -227,19 +230,24 @@ def _erased_rejects(gallery_url: str, storage_options: dict | None) -> tuple[dic
         kept = table.filter(keep).cast(REJECT_SCHEMA)
         replacing[entry.path] = [write_data_file(gallery_url, kept, subdir=REJECTS_DIR, schema=REJECT_SCHEMA,
                                                  storage_options=storage_options)] if kept.num_rows else []
-    return replacing, dropped
+    rejects = len(replacing)
+    records = [f.path for f in manifest.files if f.path.startswith(ERASED_DIR + "/")] if manifest else []
+    if len(records) > 1:  # one record in the first one's place
+        merged = write_data_file(gallery_url, pa.table({"face_id_sha256": sorted(erased)}, schema=ERASED_SCHEMA),
+                                 subdir=ERASED_DIR, schema=ERASED_SCHEMA, storage_options=storage_options)
+        replacing.update({path: [merged] if i == 0 else [] for i, path in enumerate(records)})
+    return replacing, rejects, dropped
 
 
 def _compact(gallery_url: str, storage_options: dict | None) -> dict:
     gallery = require_gallery(gallery_url, storage_options)
-    replacing, rejects_dropped = _erased_rejects(gallery_url, storage_options)  # old path -> entries in its place
-    rejects_rewritten = len(replacing)
+    replacing, rejects_rewritten, rejects_dropped = _erasure_rewrites(gallery_url, storage_options)
     if not gallery.tombstones and not replacing:
         return {"rewritten": 0, "removed_faces": 0, "tombstones_dropped": 0, "rejects_rewritten": 0,
                 "removed_rejects": 0}
     schema = code_schema(gallery.M, gallery.K)
     dead = pa.array(sorted(deleted_ids(gallery, storage_options)), pa.string())
-    removed, dropped = list(replacing), 0
+    removed, dropped, erasure_rewrites = list(replacing), 0, len(replacing)
     for i, entry in enumerate(gallery.shards if gallery.tombstones else ()):
         table = read_table(urls.join(gallery_url, entry.path), storage_options=storage_options)
         mask = pc.is_in(table.column("face_id"), dead)
@@ -277,6 +285,6 @@ def _compact(gallery_url: str, storage_options: dict | None) -> dict:
         return replace(current, files=tuple(listing))
 
     commit(gallery_url, change, storage_options)
-    return {"rewritten": len(removed) - rejects_rewritten, "removed_faces": dropped,
+    return {"rewritten": len(removed) - erasure_rewrites, "removed_faces": dropped,
             "tombstones_dropped": len(tombstones), "rejects_rewritten": rejects_rewritten,
             "removed_rejects": rejects_dropped}
