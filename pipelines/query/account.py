@@ -4,7 +4,8 @@ Each scan task (``scan.scan_shards``) times its phases and returns them with its
 process, node and wall-clock start and end (``TaskClock``). ``ScanAccount`` adds them up
 over the tasks and blocks of a job, with what only the driver sees (its merge of the tasks'
 top-k, the query embedding done while the previous block is scanned, each block's scan
-window, the workers' warm-up beside the driver's own work), and splits the time the workers spent outside task code into:
+window, the workers' warm-up beside the driver's own work and how long the first block's
+scan waited for it), and splits the time the workers spent outside task code into:
 
 - ``startup_s``: per worker and block, from the block's start to the worker's first task
   (Ray starting the worker process and importing torch/faiss, fetching the query tables from
@@ -58,7 +59,7 @@ class ScanAccount:
 
     phases: dict = field(default_factory=lambda: dict.fromkeys(
         TASK_PHASES + ("task_s", "task_cpu_s", "startup_s", "dispatch_s", "tail_s", "driver_merge_s", "embed_s",
-                       "warmup_s", "scan_wall_s"), 0.0))
+                       "warmup_s", "warmup_wait_s", "scan_wall_s"), 0.0))
     tasks: int = 0
     workers: set = field(default_factory=set)
     node_tasks: Counter = field(default_factory=Counter)
@@ -101,7 +102,8 @@ class ScanAccount:
                 f"{p['score_s']:.1f} s, task merge {p['merge_s']:.1f} s, re-rank {p['rescore_s']:.1f} s; workers "
                 f"outside tasks: start-up {p['startup_s']:.1f} s, dispatch {p['dispatch_s']:.1f} s, tail "
                 f"{p['tail_s']:.1f} s; driver merge {p['driver_merge_s']:.1f} s, query embedding {p['embed_s']:.1f} s "
-                f"and worker warm-up {p['warmup_s']:.1f} s (both beside the scan), scan wall {p['scan_wall_s']:.1f} s")
+                f"and worker warm-up {p['warmup_s']:.1f} s (both beside the scan; the scan waited {p['warmup_wait_s']:.1f} s "
+                f"for the warm-up), scan wall {p['scan_wall_s']:.1f} s")
 
     def to_dict(self) -> dict:
         out = {name: round(v, 3) for name, v in self.phases.items()}

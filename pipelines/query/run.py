@@ -282,6 +282,9 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
 
     def scanned(b, qblock, tables, features):
         t_scan = time.monotonic()
+        if warm is not None and b == 0:  # every slot's worker up: the first block's tasks spread over all nodes
+            warm.result()
+            account.add("warmup_wait_s", time.monotonic() - t_scan)
         label = "query" if n_blocks == 1 else f"query {b + 1}/{n_blocks}"
         best = scan_block(tables, features, groups, deleted, settings, cfg, quantizer,
                           Progress(len(shards), "shards", label, cfg.progress_interval, out), run["account"])
@@ -299,8 +302,6 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
             dataset.commit_block(results, qblock.start, qblock.end, len(qblock.ids), hasher.hexdigest())
         dataset.commit_empty()
         rows, total = dataset.rows, dataset.queries
-    if warm is not None:
-        warm.result()  # long done: the scan ran after it
     return summarize(run, total, rows, gallery, shards, groups, deleted, cfg, kernel, results_url,
                      time.monotonic() - t0, out)
 

@@ -13,7 +13,9 @@ block's query tables, tombstones and rescorer put in the object store once per b
 most ``max_in_flight`` submitted at once, or in this process) and merges the tasks' top-k as
 they arrive, so the driver holds only the tasks in flight and the running top-k. A fresh Ray
 worker spends seconds importing torch before its first task; ``warm_workers`` has that done
-while the driver reads and embeds the first block of queries.
+while the driver reads and embeds the first block of queries, and the first block's scan
+waits for it, so its tasks find a worker ready on every node (``SPREAD`` then uses them all
+rather than the first node whose workers came up).
 
 ``task_count`` sizes the tasks: from the codes' bytes (manifest sizes) and the block's query
 count it estimates a code's seconds (read + score), then gives a task ``task_seconds`` of
@@ -146,10 +148,11 @@ def scan_task(group: list[ShardTask], tables: np.ndarray, deleted: pa.Array, res
 
 
 def warm_task(item: int) -> tuple[str, int]:
-    """Nothing but the imports of a scan task (torch with this module, faiss): seconds in a
-    fresh Ray worker, paid here while the driver reads and embeds the first queries."""
+    """The imports of a scan task (torch with this module, faiss) and one tiny kernel call:
+    seconds in a fresh Ray worker, paid here while the driver reads and embeds the first queries."""
     import faiss  # noqa: F401
 
+    kernel_topk(np.ones((4, 2, 16), np.float32), np.zeros((64, 2), np.uint8), 1, "torch")
     return node_id(), os.getpid()
 
 
