@@ -39,6 +39,11 @@ CENTROIDS = 1 << NBITS
 TRAIN_SEED = 0
 SCORING = "inner product of the l2-normalised query feature with the decoded refine vector"
 TRANSFORM = "pca-eigenvalue-allocation"
+# Gallery codes (``opqn encode --codes gallery``): the same quantizer with one byte per codebook
+# of the model (B = M) over a projection of this many dimensions per byte. Measured on unseen
+# LFW with 4 bytes (docs/results.md, "Gallery codes"): 16 to 256 dimensions all kept 0.63-0.69x of the
+# float mAP; 32 was best or tied on unseen LFW and AT&T.
+GALLERY_CODE_DIMS_PER_BYTE = 8
 ROWS_PER_CHUNK = 4096  # rows encoded at once: ROWS_PER_CHUNK x 256 x dim/B float32 distances per subspace
 
 
@@ -121,6 +126,17 @@ class RefineQuantizer:
         y = self.reconstruct(codes).astype(np.float64)
         return (np.einsum("ij,ij->i", projected, y) + offsets).astype(np.float32)
 
+    def tables(self, queries: np.ndarray) -> np.ndarray:
+        """Look-up tables (nq, B, 256) float32 of the queries (l2-normalised here):
+        ``T[q, j, k] = dot((A q)_j, centroid k of sub-quantizer j) + dot(q, mean) / B``, so that
+        ``sum_j T[q, j, code_j]`` is ``pair_scores``' refine score up to float32 rounding. With
+        these tables a code shard is scanned by the query stage's kernels like the model's
+        own codes (gallery codes, ``opqn encode --codes gallery``)."""
+        projected, offsets = self.query_side(queries)
+        B, _, dsub = self.centroids.shape
+        t = np.einsum("qjd,jkd->qjk", projected.reshape(len(projected), B, dsub), self.centroids.astype(np.float64))
+        return (t + offsets[:, None, None] / B).astype(np.float32)
+
     def check_codes(self, codes: np.ndarray) -> np.ndarray:
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[1] != self.bytes or codes.dtype != np.uint8:
@@ -161,6 +177,12 @@ def eigenvalue_allocation(eigenvalues: np.ndarray, B: int) -> np.ndarray:
         members[j].append(int(i))
         total[j] += max(float(eigenvalues[i]), 0.0)
     return np.array([i for m in members for i in m])
+
+
+def gallery_code_dim(M: int, D: int) -> int:
+    """Projected dimension of a gallery's own codes (M bytes): GALLERY_CODE_DIMS_PER_BYTE a byte, at most D."""
+    check_bytes(M, D)
+    return min(GALLERY_CODE_DIMS_PER_BYTE * M, D - D % M)
 
 
 def train_quantizer(features: np.ndarray, B: int, dim: int = 0, seed: int = TRAIN_SEED) -> RefineQuantizer:

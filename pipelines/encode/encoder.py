@@ -51,6 +51,7 @@ class EncodeJob:
     use_gpu: bool
     store_features: bool
     refine_quantizer: dict | None = None  # manifest entry of the gallery's refine quantizer file
+    code_quantizer: dict | None = None  # manifest entry of the quantizer of the gallery's own codes; None: the model's
     model_id: str = ""  # the model the driver planned with (and will commit as the gallery's model)
     erased: frozenset = frozenset()  # face_id_hash of the faces deleted from the gallery: never encoded
 
@@ -80,11 +81,10 @@ def _model(state: dict, device: torch.device):
                           lambda: model_from_checkpoint(state).to(device))
 
 
-def _quantizer(job: EncodeJob):
-    if job.refine_quantizer is None:
+def _quantizer(job: EncodeJob, entry: dict | None):
+    if entry is None:
         return None
-    entry = job.refine_quantizer
-    return process_cached(("refine-quantizer", job.gallery_url, entry["sha256"]),
+    return process_cached(("gallery-quantizer", job.gallery_url, entry["sha256"]),
                           lambda: read_quantizer(job.gallery_url, entry))
 
 
@@ -96,7 +96,8 @@ def encode_source(source: tuple, state: dict, job: EncodeJob) -> tuple[list[File
     if job.threads:
         torch.set_num_threads(job.threads)
     device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
-    model, quantizer, size = _model(state, device), _quantizer(job), stored_size(state)
+    model, size = _model(state, device), stored_size(state)
+    quantizer, code_quantizer = _quantizer(job, job.refine_quantizer), _quantizer(job, job.code_quantizer)
     cfg = model.cfg
     table = read_face_columns([url], ("face_id", "identity", "split", "image"))
     if job.splits:
@@ -124,9 +125,9 @@ def encode_source(source: tuple, state: dict, job: EncodeJob) -> tuple[list[File
             continue
         x = embed(model, torch.from_numpy(np.stack(decoded)).to(device))
         check_finite(x, state["model_id"], url)
-        codes[rows] = model.codes_from_features(x).cpu().numpy()
-        if features is not None or refine is not None:
-            normalized = normalized_feature(x)
+        normalized = normalized_feature(x) if code_quantizer is not None or features is not None or refine is not None else None
+        codes[rows] = code_quantizer.encode(normalized) if code_quantizer is not None else model.codes_from_features(x).cpu().numpy()
+        if normalized is not None:
             if features is not None:
                 features[rows] = normalized.astype(np.float16)  # model.features.stored_feature
             if refine is not None:

@@ -34,6 +34,12 @@ def info(gallery_url: str) -> dict:
            "codebook_scheme": gallery.codebook_scheme, "faces": gallery.rows, "code_shards": len(gallery.shards),
            "bytes": size, "deleted": len(dead), "source_shards_encoded": len(gallery.encoded_sources),
            "generation": gallery.generation}
+    if gallery.codebook_meta is not None:
+        meta = gallery.codebook_meta
+        out["codes"] = (f"gallery: PQ {meta['bytes']} x {meta['nbits']} bit over a {meta['dim']}-dim projection, "
+                        f"trained on {meta['trained_on']} of its faces ({meta['quantizer']['path']})")
+    else:
+        out["codes"] = "model: the network's own codes"
     # "bytes" stays the code shards' size; features (for --rerank) are counted on their own
     if gallery.has_features:
         fbytes = sum(f.size for f in gallery.features)

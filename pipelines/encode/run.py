@@ -6,8 +6,10 @@ planned model and writes its code shard(s), with ``store_features`` the paired f
 and with ``refine_bytes`` the paired refine shard(s), and its rejects (``pipelines.formats``).
 The driver lists them, with the source's watermark entry (``encoded_sources``), in the gallery
 manifest in one atomic commit (``gallery_writer.commit_sources``). A gallery's refine quantizer
-is trained by its first encode with refine codes (``pipelines.encode.refine``) and listed in
-that run's commits, so no refine shard is ever listed without it.
+is trained by its first encode with refine codes (``pipelines.encode.quantizers``) and listed in
+that run's commits, so no refine shard is ever listed without it; so is the quantizer of a
+gallery's own codes (``codes="gallery"``), and every task then writes that quantizer's codes
+instead of the model's.
 Source shards that finish close together share one commit (``commit_seconds``): every commit
 rewrites the manifest, so one commit per source shard made a gallery of many small shards
 quadratic (2,000 commits took 32 s of manifest writing, docs/results.md). A run killed at any
@@ -21,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipelines.encode.encoder import EncodeJob, encode_source, model_state
-from pipelines.encode.refine import prepare_refine
+from pipelines.encode.quantizers import prepare_quantizers
 from pipelines.execution import EXECUTORS, run_tasks, start_ray
 from pipelines.formats.checkpoint import load_checkpoint, require_opqn
 from pipelines.formats.face_erasure import encoded_key, record_gallery, replaced_keys
@@ -30,6 +32,9 @@ from pipelines.formats.gallery import erased_hashes, gallery_metadata, open_gall
 from pipelines.formats.gallery_writer import commit_sources
 from pipelines.progress import Progress, format_seconds, say
 from storage import lease, urls
+
+
+CODE_SOURCES = ("model", "gallery")
 
 
 @dataclass
@@ -46,6 +51,12 @@ class EncodeConfig:
     use_gpu: bool = field(default=False, metadata={"help": "encode on a GPU (one per encode task)"})
     max_sources: int = field(default=0, metadata={"help": "encode at most this many new source shards in this "
                                                            "run (0: all)"})
+    codes: str = field(default="model", metadata={
+        "help": "where a face's codes come from: model (the network's assignment to its codewords, the paper's "
+                "OPQN codes) or gallery (a product quantizer of the normalised feature, M bytes, trained without "
+                "labels on the gallery's first faces: keeps far more of the float ranking on people and photos "
+                "the model never saw, docs/results.md); fixed for a gallery by its first encode",
+        "choices": CODE_SOURCES})
     store_features: bool = field(default=False, metadata={
         "help": "also store each face's l2-normalised float feature (float16, 2 x D bytes a face) in "
                 "GALLERY/features/ for `opqn query --rerank`; fixed for a gallery by its first encode"})
@@ -68,11 +79,15 @@ class EncodeConfig:
                 "a killed run's lease is taken over after this many seconds (at once on the same host)"})
 
     def __post_init__(self):
+        if self.codes not in CODE_SOURCES:
+            raise ValueError(f"codes must be one of {CODE_SOURCES}, got {self.codes!r}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
 
 
-def codebook_scheme(state: dict) -> str:
+def codebook_scheme(state: dict, codes: str = "model") -> str:
+    if codes == "gallery":
+        return "gallery-pq"
     return "learned" if state["config"].get("learn_codebooks") else "dct-orthonormal"
 
 
@@ -85,6 +100,7 @@ def plan(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig):
         gallery.check_model(state["model_id"], c["D"], c["M"], c["K"])
         gallery.check_features(cfg.store_features)
         gallery.check_refine(cfg.refine_bytes)
+        gallery.check_codes(cfg.codes)
     done = gallery.encoded_sources if gallery else {}
     replaced = replaced_keys(dataset)  # face shards an erasure rewrote: encoded if their original was
     todo, stale = [], []
@@ -127,26 +143,28 @@ def _encode(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig, o
     skipped = len(gallery.encoded_sources) if gallery else 0
     summary = {"gallery": gallery_url, "model_id": state["model_id"], "sources_encoded": 0,
                "sources_skipped": skipped, "faces": 0, "rejected": 0, "code_shards_written": 0, "commits": 0,
-               "store_features": cfg.store_features, "refine_bytes": cfg.refine_bytes}
+               "store_features": cfg.store_features, "refine_bytes": cfg.refine_bytes, "codes": cfg.codes}
     if not todo:
         say("encode", f"encode: nothing new in {dataset} for {gallery_url} ({skipped} source shard(s) already "
             f"encoded)", out)
         return summary
-    refine = prepare_refine(state, gallery, gallery_url, [url for url, _, _ in todo], cfg, out)
+    codebook, refine = prepare_quantizers(state, gallery, gallery_url, [url for url, _, _ in todo], cfg, out)
     if cfg.executor == "ray":
         start_ray()
     c = state["config"]
-    metadata = gallery_metadata(state["model_id"], c["D"], c["M"], c["K"], codebook_scheme(state), {},
-                                store_features=cfg.store_features, refine=refine.meta if refine else None)
+    metadata = gallery_metadata(state["model_id"], c["D"], c["M"], c["K"], codebook_scheme(state, cfg.codes), {},
+                                store_features=cfg.store_features, refine=refine.meta if refine else None,
+                                codebook=codebook.meta if codebook else None)
     job = EncodeJob(gallery_url=gallery_url, splits=tuple(cfg.splits), batch_size=cfg.batch_size,
                     shard_rows=cfg.shard_rows, threads=cfg.threads_per_actor if cfg.executor == "ray" else 0,
                     use_gpu=cfg.use_gpu, store_features=cfg.store_features, model_id=state["model_id"],
                     erased=erased_hashes(gallery_url) if gallery else frozenset(),
-                    refine_quantizer=refine.quantizer if refine else None)
+                    refine_quantizer=refine.quantizer if refine else None,
+                    code_quantizer=codebook.quantizer if codebook else None)
     total = sum(expected.values())
     say("encode", f"encode: {total} faces in {len(todo)} new source shard(s) of {dataset} -> {gallery_url} "
         f"(model {state['model_id']}, {skipped} source shard(s) already encoded"
-        f"{', with float16 features' if cfg.store_features else ''}"
+        f"{', gallery codes' if codebook else ''}{', with float16 features' if cfg.store_features else ''}"
         f"{f', with {cfg.refine_bytes}-byte refine codes' if cfg.refine_bytes else ''})", out)
     progress = Progress(total, "faces", "encode", stream=out)
     pending, last_commit = [], time.monotonic()  # written, not yet committed source shards
@@ -157,7 +175,7 @@ def _encode(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig, o
             return
         held.check()  # a run whose lease was taken over commits nothing more
         committed = commit_sources(gallery_url, metadata, [(k, f, e) for k, f, e, _, _ in pending],
-                                   refine.entry if refine else None)
+                                   tuple(s.entry for s in (codebook, refine) if s and s.entry))
         for key, _, _, faces, rejected in pending:
             if key not in committed:  # another writer listed this source first: not ours to count
                 continue

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from model.registry import METHODS
-from pipelines.evaluate.evaluation import DEFAULT_TS, evaluate_url
+from pipelines.evaluate.evaluation import CODE_SOURCES, DEFAULT_TS, evaluate_url
 from pipelines.evaluate.protocols import PROTOCOLS
 from pipelines.progress import format_seconds
 
@@ -47,6 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--queries-per-identity", type=int, default=1, help="cross: queries per identity (0: use --query-fraction) (default: 1)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default: training's)")
     p.add_argument("--ts", type=_ts, default=DEFAULT_TS, help="T values for P@T, comma-separated")
+    p.add_argument("--codes", choices=CODE_SOURCES, default="model",
+                   help="model: the network's own codes; gallery: the codes `opqn encode --codes gallery` writes, a "
+                        "quantizer trained on the database's faces (default: model)")
     p.add_argument("--allow-seen", action="store_true", help="cross: allow identities the model was trained on")
     p.add_argument("--threads", type=int, default=2, help="image decoding threads")
     p.add_argument("--json", action="store_true", help="print the metrics (without curves) as one JSON object per "
@@ -58,12 +61,13 @@ def run_evaluate(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = evaluate_url(args.model_url, args.dataset, args.report_dir, args.protocol, args.method,
                        args.crop_fraction, args.min_photos, args.max_photos, args.query_fraction,
-                       args.queries_per_identity, args.seed, args.ts, args.threads, args.allow_seen)
+                       args.queries_per_identity, args.seed, args.ts, args.threads, args.allow_seen, args.codes)
     human = sys.stderr if args.json else sys.stdout  # with --json, stdout holds only the JSON object(s)
     for r in out["results"]:
         q, f = r["quantized"], r["float"]
         if args.json:
-            print(json.dumps({"model_url": r["model_url"], "method": r["method"], "bits": r["bits"], "map": q["map"],
+            print(json.dumps({"model_url": r["model_url"], "method": r["method"], "bits": r["bits"], "codes": r["codes"],
+                              "map": q["map"],
                               "precision_at": q["precision_at"], "map_float": f["map"],
                               "precision_at_float": f["precision_at"], "queries": q["queries"], "database": q["database"],
                               "largest_bucket": r["code_spread"]["largest_bucket"],

@@ -8,6 +8,10 @@ Besides mAP and P@T, every evaluation measures the spread of the database codes
 (``model.code_spread``: largest code bucket, distinct codes, codewords used, entropy) and
 warns when one code holds too much of the database (a collapsed head, "sink code"), since
 codes-only retrieval cannot rank faces that share a code.
+
+``codes="gallery"`` evaluates the codes ``opqn encode --codes gallery`` writes: a quantizer
+trained, as encode trains it, on the database's first ``GALLERY_SAMPLE`` faces, whose tables
+score the queries (``pipelines.encode.quantizers``).
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import torch.nn.functional as F
 from model.code_spread import code_spread, mixed_bucket, sink_warning
 from model.features import embed
 from model.metrics import retrieval_metrics
+from model.refine import gallery_code_dim, train_quantizer
+from model.scoring import lut_scores
 from model.registry import Method, method_of
 from pipelines.evaluate.protocols import check_split, is_shard_dataset, load_split
 from pipelines.evaluate.report import write_report
@@ -30,10 +36,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TS = (1, 5, 10, 20, 50, 100, 200, 500)
 TRAIN_TS = (1, 5, 10, 20, 50, 100)  # P@T of the trainers' end-of-run summary
+GALLERY_SAMPLE = 50_000  # faces a gallery's code quantizer is trained on (EncodeConfig.refine_sample's default)
+CODE_SOURCES = ("model", "gallery")
 
 
 def evaluate_model(model: torch.nn.Module, queries: FaceSet, database: FaceSet, ts=DEFAULT_TS,
-                   method: Method | None = None, pr_points: int = 100) -> dict:
+                   method: Method | None = None, pr_points: int = 100, codes: str = "model") -> dict:
     """Compact-code retrieval metrics and the float-feature upper bound of the same model.
 
     Returns ``{"method", "label", "bits", "ranking", "quantized": metrics, "float": metrics,
@@ -45,25 +53,36 @@ def evaluate_model(model: torch.nn.Module, queries: FaceSet, database: FaceSet, 
     """
     check_split(queries, database)
     method = method or method_of(model)
-    quant, flt, spread, codes = _evaluate(model, queries, database, ts, pr_points)
-    spread.update(mixed_bucket(codes.numpy(), database.labels))
+    quant, flt, spread, db_codes = _evaluate(model, queries, database, ts, pr_points, codes)
+    spread.update(mixed_bucket(db_codes.numpy(), database.labels))
     warning = sink_warning(spread)
     return {"method": method.name, "label": method.label, "bits": int(round(model.cfg.bits)), "ranking": method.ranking,
             "quantized": quant, "float": flt, "distinct_database_codes": spread["distinct_codes"],
-            "code_spread": spread, "warnings": [warning] if warning else []}
+            "code_spread": spread, "codes": codes, "warnings": [warning] if warning else []}
 
 
 @torch.no_grad()
 def _evaluate(model: torch.nn.Module, queries: FaceSet, database: FaceSet, ts,
-              pr_points: int = 100) -> tuple[dict, dict, dict, torch.Tensor]:
+              pr_points: int = 100, codes: str = "model") -> tuple[dict, dict, dict, torch.Tensor]:
     """(compact-code metrics, float-feature metrics, spread of the database codes, those codes)."""
+    if codes not in CODE_SOURCES:
+        raise ValueError(f"codes must be one of {CODE_SOURCES}, got {codes!r}")
     model.eval()
     xq, xd = embed(model, queries.images), embed(model, database.images)
-    codes = model.codes_from_features(xd)
-    quant = retrieval_metrics(model.scores(xq, codes).numpy(), queries.labels, database.labels, ts, pr_points=pr_points)
-    cos = (F.normalize(xq, dim=1) @ F.normalize(xd, dim=1).T).numpy()
-    flt = retrieval_metrics(cos, queries.labels, database.labels, ts, pr_points=pr_points)
-    return quant, flt, code_spread(codes.numpy(), getattr(model.cfg, "K", 2)), codes
+    cos = (F.normalize(xq, dim=1) @ F.normalize(xd, dim=1).T)
+    if codes == "gallery":
+        if getattr(model.cfg, "K", 0) != 256:
+            raise ValueError("gallery codes (one byte per codebook) need a model with K = 256 codewords per codebook")
+        quantizer = train_quantizer(F.normalize(xd, dim=1)[:GALLERY_SAMPLE].numpy(), model.cfg.M,
+                                    gallery_code_dim(model.cfg.M, model.cfg.D))
+        db_codes = torch.from_numpy(quantizer.encode(F.normalize(xd, dim=1).numpy()))
+        scores = lut_scores(torch.from_numpy(quantizer.tables(xq.numpy())), db_codes)
+    else:
+        db_codes = model.codes_from_features(xd)
+        scores = model.scores(xq, db_codes)
+    quant = retrieval_metrics(scores.numpy(), queries.labels, database.labels, ts, pr_points=pr_points)
+    flt = retrieval_metrics(cos.numpy(), queries.labels, database.labels, ts, pr_points=pr_points)
+    return quant, flt, code_spread(db_codes.numpy(), getattr(model.cfg, "K", 2)), db_codes
 
 
 def train_summary(model: torch.nn.Module, queries: FaceSet, database: FaceSet, ts=TRAIN_TS) -> dict:
@@ -92,7 +111,8 @@ def load_model(url: str, expect_method: str | None = None) -> tuple[torch.nn.Mod
 def evaluate_url(model_url: str | list[str], dataset: str, report_dir: str | None = None, protocol: str = "single",
                  method: str | None = None, crop_fraction: float | None = None, min_photos: int | None = None,
                  max_photos: int | None = None, query_fraction: float | None = None, queries_per_identity: int = 1,
-                 seed: int | None = None, ts=DEFAULT_TS, threads: int = 2, allow_seen: bool = False) -> dict:
+                 seed: int | None = None, ts=DEFAULT_TS, threads: int = 2, allow_seen: bool = False,
+                 codes: str = "model") -> dict:
     """Load checkpoint(s), split ``dataset`` by ``protocol``, evaluate, and write one report.
 
     ``model_url`` is one URL, a comma-separated list or a list: several models (e.g. OPQN and
@@ -130,14 +150,14 @@ def evaluate_url(model_url: str | list[str], dataset: str, report_dir: str | Non
                                  f"were in the training set of {url}, e.g. {seen[:5]}")
     results = []
     for url, (m, mt, st) in zip(urls, loaded):
-        r = evaluate_model(m, split.queries, split.database, ts, mt)
+        r = evaluate_model(m, split.queries, split.database, ts, mt, codes=codes)
         for warning in r["warnings"]:
             log.warning("%s: %s", url, warning)
         results.append({**r, "model_url": url, "model_id": st.get("model_id")})
     first = results[0]
     title = (f"{meth.label} {first['bits']} bit" if len(results) == 1 else f"{len(results)} models") + f", {protocol}-domain"
     context = {"title": title, "model_url": ",".join(urls), "model_id": ",".join(str(r["model_id"]) for r in results),
-               "dataset": str(dataset), "protocol": protocol, "split": split.description,
+               "dataset": str(dataset), "protocol": protocol, "split": split.description, "codes": codes,
                "database_order": ("face shards in file-name order, then row" if split.source == "shards"
                                   else "identity, then file path (sorted)"),
                "seconds": round(time.monotonic() - t0, 1)}

@@ -26,7 +26,10 @@ the format version, the model id, D, M, K, the codebook scheme, the source shard
 encoded (source key -> fingerprint: the watermark of incremental runs), in a gallery with
 features a ``features`` entry (``{"dtype": "float16", "normalized": true}``) and in a gallery
 with refine codes a ``refine`` entry (bytes, nbits, dim, transform, scoring, the quantizer
-file's manifest entry, the faces it was trained on). A gallery is bound to one model id, and is
+file's manifest entry, the faces it was trained on), and in a gallery with its own codes
+(``opqn encode --codes gallery``, codebook scheme ``gallery-pq``) a ``codebook`` entry of the
+same form: its codes are then that quantizer's M bytes (``quantizer/codes-<sha>.npz``), not the
+model's assignment. A gallery is bound to one model id and one code source, and is
 with or without features, and with or without refine codes (of one size), for its whole life.
 
 This module defines the layout and reads it (``open_gallery``, the shard readers, the
@@ -195,6 +198,7 @@ class Gallery:
     feature_meta: dict | None = None  # the manifest's "features" entry; None: codes only
     refine: tuple[FileEntry, ...] = ()  # refine shards, in the order of their code shards
     refine_meta: dict | None = None  # the manifest's "refine" entry; None: no refine codes
+    codebook_meta: dict | None = None  # the manifest's "codebook" entry; None: the model's own codes
 
     @property
     def rows(self) -> int:
@@ -240,6 +244,17 @@ class Gallery:
                          f"codes in: pass --refine-bytes {self.refine_bytes} (a gallery keeps the refine setting "
                          f"of its first encode)")
 
+    @property
+    def codes_source(self) -> str:
+        return "gallery" if self.codebook_meta is not None else "model"
+
+    def check_codes(self, codes: str) -> None:
+        """Refuse an encode whose code source differs from the gallery's (first encode's)."""
+        if codes != self.codes_source:
+            raise ValueError(f"gallery {self.url} holds {self.codes_source} codes; encoding into it with --codes "
+                             f"{codes} would mix two kinds of codes: pass --codes {self.codes_source} (a gallery "
+                             f"keeps the code source of its first encode), or encode into a new gallery")
+
     def check_features(self, store_features: bool) -> None:
         """Refuse to mix codes-only and with-features encodings in one gallery."""
         if store_features and not self.has_features:
@@ -262,13 +277,15 @@ class Gallery:
 
 
 def gallery_metadata(model_id: str, D: int, M: int, K: int, codebook_scheme: str, encoded_sources: dict,
-                     store_features: bool = False, refine: dict | None = None) -> dict:
+                     store_features: bool = False, refine: dict | None = None, codebook: dict | None = None) -> dict:
     meta = {"kind": KIND, "format_version": FORMAT_VERSION, "model_id": model_id, "D": D, "M": M, "K": K,
             "codebook_scheme": codebook_scheme, "encoded_sources": encoded_sources}
     if store_features:  # codes-only galleries keep exactly the metadata they always had
         meta["features"] = dict(FEATURES_META)
     if refine is not None:
         meta["refine"] = dict(refine)
+    if codebook is not None:
+        meta["codebook"] = dict(codebook)
     return meta
 
 
@@ -302,13 +319,14 @@ def open_gallery(url: str, storage_options: dict | None = None) -> Gallery | Non
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"gallery {url} has format version {meta.get('format_version')}, this opqn reads {FORMAT_VERSION}")
     shards = tuple(f for f in manifest.files if f.path.startswith(CODES_DIR + "/"))
-    feature_meta, refine_meta = meta.get("features"), meta.get("refine")
+    feature_meta, refine_meta, codebook_meta = meta.get("features"), meta.get("refine"), meta.get("codebook")
     if feature_meta is not None and feature_meta.get("dtype") != FEATURES_META["dtype"]:
         raise ValueError(f"gallery {url} stores features as {feature_meta.get('dtype')!r}, this opqn reads "
                          f"{FEATURES_META['dtype']!r}")
-    if refine_meta is not None and (refine_meta.get("nbits") != NBITS or not refine_meta.get("quantizer")):
-        raise ValueError(f"gallery {url} has a refine entry this opqn cannot read ({refine_meta.get('nbits')!r}-bit "
-                         f"codes, quantizer {refine_meta.get('quantizer')!r}); it reads {NBITS}-bit codes")
+    for key, entry in (("refine", refine_meta), ("codebook", codebook_meta)):
+        if entry is not None and (entry.get("nbits") != NBITS or not entry.get("quantizer")):
+            raise ValueError(f"gallery {url} has a {key} entry this opqn cannot read ({entry.get('nbits')!r}-bit "
+                             f"codes, quantizer {entry.get('quantizer')!r}); it reads {NBITS}-bit codes")
     features = _paired(url, shards, manifest.files, FEATURES_DIR, feature_meta, "features")
     refine = _paired(url, shards, manifest.files, REFINE_DIR, refine_meta, "refine")
     return Gallery(url=url, model_id=meta["model_id"], D=meta["D"], M=meta["M"], K=meta["K"],
@@ -316,7 +334,8 @@ def open_gallery(url: str, storage_options: dict | None = None) -> Gallery | Non
                    tombstones=tuple(f for f in manifest.files if f.path.startswith(TOMBSTONES_DIR + "/")),
                    encoded_sources=dict(meta.get("encoded_sources", {})), generation=manifest.generation,
                    features=features, feature_meta=dict(feature_meta) if feature_meta is not None else None,
-                   refine=refine, refine_meta=dict(refine_meta) if refine_meta is not None else None)
+                   refine=refine, refine_meta=dict(refine_meta) if refine_meta is not None else None,
+                   codebook_meta=dict(codebook_meta) if codebook_meta is not None else None)
 
 
 def require_gallery(url: str, storage_options: dict | None = None) -> Gallery:
@@ -352,22 +371,25 @@ def erased_hashes(gallery_url: str, storage_options: dict | None = None) -> froz
 
 
 def read_quantizer(gallery_url: str, entry: dict, storage_options: dict | None = None) -> RefineQuantizer:
-    """The refine quantizer file named by a manifest entry (path, size, sha256), checked."""
+    """The quantizer file (refine or gallery codes) named by a manifest entry (path, size, sha256), checked."""
     url = urls.join(gallery_url, entry["path"])
     data = files.read_all(url, storage_options)
     if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ValueError(f"refine quantizer {url} does not match the gallery manifest (size {len(data)} vs "
+        raise ValueError(f"quantizer {url} does not match the gallery manifest (size {len(data)} vs "
                          f"{entry['size']}, or another sha256): the gallery is damaged")
     return RefineQuantizer.from_bytes(data, url)
 
 
-def load_quantizer(gallery: Gallery, storage_options: dict | None = None) -> RefineQuantizer:
-    """The gallery's refine quantizer, checked against the manifest (size, sha256, bytes, D)."""
-    if not gallery.has_refine:
-        raise ValueError(f"gallery {gallery.url} has no refine codes (encode it with --refine-bytes B)")
-    quantizer = read_quantizer(gallery.url, gallery.refine_meta["quantizer"], storage_options)
-    if quantizer.bytes != gallery.refine_bytes or quantizer.D != gallery.D:
-        url = urls.join(gallery.url, gallery.refine_meta["quantizer"]["path"])
-        raise ValueError(f"refine quantizer {url} makes {quantizer.bytes}-byte codes of D={quantizer.D} features, "
-                         f"the gallery manifest says {gallery.refine_bytes} bytes, D={gallery.D}")
+def load_quantizer(gallery: Gallery, storage_options: dict | None = None, kind: str = "refine") -> RefineQuantizer:
+    """The gallery's refine quantizer (``kind="refine"``) or the quantizer of its own codes
+    (``kind="codebook"``), checked against the manifest (size, sha256, bytes, D)."""
+    meta, want = ((gallery.refine_meta, gallery.refine_bytes) if kind == "refine" else (gallery.codebook_meta, gallery.M))
+    if meta is None:
+        raise ValueError(f"gallery {gallery.url} has no {kind} quantizer (encode it with "
+                         f"{'--refine-bytes B' if kind == 'refine' else '--codes gallery'})")
+    quantizer = read_quantizer(gallery.url, meta["quantizer"], storage_options)
+    if quantizer.bytes != want or quantizer.D != gallery.D:
+        url = urls.join(gallery.url, meta["quantizer"]["path"])
+        raise ValueError(f"{kind} quantizer {url} makes {quantizer.bytes}-byte codes of D={quantizer.D} features, "
+                         f"the gallery manifest says {want} bytes, D={gallery.D}")
     return quantizer

@@ -87,12 +87,13 @@ def write_source(gallery_url: str, source: str, face_ids: np.ndarray, identities
 
 
 def write_quantizer(gallery_url: str, quantizer: RefineQuantizer, trained_on: int,
-                    storage_options: dict | None = None) -> tuple[FileEntry, dict]:
-    """Write the refine quantizer under quantizer/ (named by its content hash, so a re-run that
-    trains the same quantizer writes the same file); returns its manifest entry (to list in the
-    gallery's first commit with refine codes) and the manifest's ``refine`` entry."""
+                    storage_options: dict | None = None, kind: str = "refine") -> tuple[FileEntry, dict]:
+    """Write a quantizer (``kind``: "refine", or "codes" for the gallery's own codes) under
+    quantizer/ (named by its content hash, so a re-run that trains the same quantizer writes the
+    same file); returns its manifest entry (to list in the gallery's first commit that uses it)
+    and the manifest's ``refine`` (or ``codebook``) entry."""
     data = quantizer.to_bytes()
-    path = f"{QUANTIZER_DIR}/refine-{hashlib.sha256(data).hexdigest()[:16]}.npz"
+    path = f"{QUANTIZER_DIR}/{kind}-{hashlib.sha256(data).hexdigest()[:16]}.npz"
     size, sha = files.write_bytes_atomic(urls.join(gallery_url, path), data, storage_options)
     entry = FileEntry(path=path, rows=0, size=size, sha256=sha)
     meta = {"bytes": quantizer.bytes, "nbits": NBITS, "dim": quantizer.dim, "transform": TRANSFORM,
@@ -101,20 +102,20 @@ def write_quantizer(gallery_url: str, quantizer: RefineQuantizer, trained_on: in
 
 
 def commit_sources(gallery_url: str, metadata: dict, written: list[tuple[str, str, list[FileEntry]]],
-                   quantizer: FileEntry | None = None, storage_options: dict | None = None) -> set[str]:
+                   quantizers: tuple[FileEntry, ...] = (), storage_options: dict | None = None) -> set[str]:
     """List the written files of whole source shards, with their watermarks, in one atomic commit.
 
     ``metadata``: the gallery's metadata (``gallery_metadata``) as this encode run sees it, used
     for a new gallery and checked against an existing one (a concurrent run may have committed
     meanwhile). ``written``: (source key, fingerprint, manifest entries) per source shard.
-    ``quantizer``: the refine quantizer file this run trained, listed if not yet listed.
+    ``quantizers``: the quantizer files (refine, gallery codes) this run trained, listed if not yet listed.
     Idempotent per source: the watermark is re-checked on the manifest the commit lands on (each
     retry after a lost race included), and a source another writer committed meanwhile is
     dropped (its files stay unlisted), so no face is ever listed twice. Returns the keys this commit listed.
     """
     committed: set[str] = set()
     model_id, with_features = metadata["model_id"], metadata.get("features") is not None
-    refine_file = (metadata.get("refine") or {}).get("quantizer")
+    quantizer_files = {key: (metadata.get(key) or {}).get("quantizer") for key in ("refine", "codebook")}
 
     def change(current: Manifest) -> Manifest:
         meta = dict(current.metadata) if current.metadata else dict(metadata)
@@ -124,9 +125,10 @@ def commit_sources(gallery_url: str, metadata: dict, written: list[tuple[str, st
         if has_features != with_features:
             raise ValueError(f"gallery {gallery_url} was encoded {'with' if has_features else 'without'} float "
                              f"features meanwhile; a gallery is either with or without features")
-        if (meta.get("refine") or {}).get("quantizer") != refine_file:
-            raise ValueError(f"gallery {gallery_url} got {'another' if meta.get('refine') else 'no'} refine "
-                             f"quantizer meanwhile (a concurrent encode); run encode again")
+        for key, file in quantizer_files.items():
+            if (meta.get(key) or {}).get("quantizer") != file:
+                raise ValueError(f"gallery {gallery_url} got {'another' if meta.get(key) else 'no'} {key} "
+                                 f"quantizer meanwhile (a concurrent encode); run encode again")
         sources = dict(meta.get("encoded_sources", {}))
         added = []
         committed.clear()
@@ -138,8 +140,8 @@ def commit_sources(gallery_url: str, metadata: dict, written: list[tuple[str, st
             added += entries
         if len(sources) == len(meta.get("encoded_sources", {})):
             return current
-        if quantizer is not None and current.file(quantizer.path) is None:
-            added.insert(0, quantizer)  # the first commit with refine codes lists their quantizer
+        # the first commit with refine (or gallery) codes lists their quantizer
+        added = [q for q in quantizers if current.file(q.path) is None] + added
         meta["encoded_sources"] = sources
         return replace(current, files=current.files + tuple(added), metadata=meta)
 

@@ -46,6 +46,10 @@ class PipelineConfig(Recipe):
                                                                    "face) for --rerank"})
     rerank: int = field(default=0, metadata={"help": "re-score the PQ top-R by exact cosine (needs "
                                                       "--store-features); 1000 for unseen identities; 0: off"})
+    codes: str = field(default="model", metadata={
+        "help": "gallery codes: model (the network's own, the paper's) or gallery (a quantizer trained on the "
+                "gallery's faces: better on people the model never saw); evaluate scores the same codes",
+        "choices": ("model", "gallery")})
     refine_bytes: int = field(default=0, metadata={"help": "gallery keeps a compact refine code of B bytes a face "
                                                             "(60: 64 bytes with the codes); 0: none"})
     refine: int = field(default=0, metadata={"help": "re-score the PQ top-R with the refine codes (needs "
@@ -107,8 +111,9 @@ def train(cfg: PipelineConfig, where: dict, out) -> dict:
             "loss": last.get("loss"), "acc": last.get("acc")}
 
 
-def model_gallery(where: dict) -> str:
-    """The gallery of the current model: ``gallery/<model id>``.
+def model_gallery(where: dict, codes: str = "model") -> str:
+    """The gallery of the current model: ``gallery/<model id>`` (``<model id>-gallery-codes``
+    with ``codes="gallery"``, so switching the code source encodes beside the other).
 
     A gallery is bound to the model that encoded it, so a re-run that trained further (more
     epochs, another code length) encodes into a new gallery beside the old one instead of
@@ -116,17 +121,17 @@ def model_gallery(where: dict) -> str:
     """
     from pipelines.formats.checkpoint import checkpoint_model_id
 
-    return urls.join(where["gallery"], checkpoint_model_id(where["model"]))
+    return urls.join(where["gallery"], checkpoint_model_id(where["model"]) + ("-gallery-codes" if codes == "gallery" else ""))
 
 
 def encode(cfg: PipelineConfig, where: dict, out) -> dict:
     from pipelines.encode.run import EncodeConfig, encode_gallery
     from pipelines.formats.gallery import require_gallery
 
-    gallery_url = model_gallery(where)
+    gallery_url = model_gallery(where, cfg.codes)
     r = encode_gallery(where["model"], where["dataset"], gallery_url,
                        EncodeConfig(splits=("database",), use_gpu=cfg.use_gpu, store_features=cfg.store_features,
-                                    refine_bytes=cfg.refine_bytes),
+                                    refine_bytes=cfg.refine_bytes, codes=cfg.codes),
                        out=out)
     gallery = require_gallery(gallery_url)
     return {"gallery": gallery_url, "encoded_now": r["faces"], "gallery_codes": gallery.rows,
@@ -136,7 +141,7 @@ def encode(cfg: PipelineConfig, where: dict, out) -> dict:
 def query(cfg: PipelineConfig, where: dict, out) -> dict:
     from pipelines.query.run import QueryConfig, query_batch
 
-    r = query_batch(where["model"], model_gallery(where), where["dataset"], where["results"],
+    r = query_batch(where["model"], model_gallery(where, cfg.codes), where["dataset"], where["results"],
                     QueryConfig(top_k=cfg.top_k, split="query", rerank=cfg.rerank, refine=cfg.refine), out=out)
     return {"queries": r["queries"], "result_rows": r["result_rows"], "codes_per_s": round(r["codes_per_s"])}
 
@@ -150,7 +155,8 @@ def evaluate(cfg: PipelineConfig, where: dict, out) -> dict:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        r = evaluation.evaluate_url(where["model"], where["dataset"], where["report"], "single")["result"]
+        r = evaluation.evaluate_url(where["model"], where["dataset"], where["report"], "single",
+                                    codes=cfg.codes)["result"]
     finally:
         logger.setLevel(level)
     q, f, spread = r["quantized"], r["float"], r.get("code_spread") or {}

@@ -7,7 +7,9 @@
 2. Queries: a face-shard dataset (its rows with ``split == cfg.split``; the query id is the
    face id) or a local identity folder of already-cropped faces (``identity/photo.jpg``, centre
    crop ``cfg.crop_fraction``; the query id is ``identity/photo.jpg``). One table (M x K) per
-   query: ``model.tables_from_features(embed(...))``. No queries: an empty result and a warning.
+   query: ``model.tables_from_features(embed(...))``, or for a gallery with its own codes
+   (``opqn encode --codes gallery``) its code quantizer's tables of the same feature
+   (``model.refine.RefineQuantizer.tables``). No queries: an empty result and a warning.
    Queries go in blocks (``pipelines.query.source``) of ``cfg.query_block`` queries, or as many
    as ``cfg.memory_mb`` holds (``block_queries``): each block is scanned and written while the
    next one is read and embedded (in a thread), and no block is held longer, so memory does not
@@ -140,12 +142,13 @@ class QueryConfig:
         return self.rerank or self.refine or self.top_k
 
 
-def query_tables(model, images, batch_size: int) -> np.ndarray:
-    return query_inputs(model, images, batch_size)[0]
+def query_tables(model, images, batch_size: int, codebook=None) -> np.ndarray:
+    return query_inputs(model, images, batch_size, codebook)[0]
 
 
-def query_inputs(model, images, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(query tables (nq, M, K) float32, float features x (nq, D) float32) of the query images.
+def query_inputs(model, images, batch_size: int, codebook=None) -> tuple[np.ndarray, np.ndarray]:
+    """(query tables (nq, M, K) float32, float features x (nq, D) float32) of the query images;
+    the tables of ``codebook`` (a gallery's code quantizer) instead of the model's when given.
 
     Features and tables are computed batch by batch: their float rounding then depends only on
     the batch a query is in, not on how many queries are embedded in one call."""
@@ -158,7 +161,8 @@ def query_inputs(model, images, batch_size: int) -> tuple[np.ndarray, np.ndarray
     for b0 in range(0, len(images), batch_size):
         x = embed(model, images[b0:b0 + batch_size], batch_size)
         with torch.no_grad():
-            tables[b0:b0 + len(x)] = model.tables_from_features(x).numpy()
+            tables[b0:b0 + len(x)] = (codebook.tables(x.numpy()) if codebook is not None
+                                      else model.tables_from_features(x).numpy())
         features[b0:b0 + len(x)] = x.numpy()
     if not np.isfinite(tables).all():
         raise ValueError("the model produced non-finite query tables")
@@ -219,6 +223,7 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
         check_kernel(cfg.kernel, mc.K)
     check_gallery(gallery, cfg, gallery_url)
     quantizer = load_quantizer(gallery, storage_options) if cfg.refine else None
+    codebook = load_quantizer(gallery, storage_options, "codebook") if gallery.codebook_meta is not None else None
     size = stored_size(state)
     source = open_queries(queries_url, cfg.split, size, cfg.crop_fraction, storage_options)
     dataset = None if is_single_file(results_url) else ResultsDataset(results_url, result_key(state, gallery, cfg),
@@ -265,7 +270,7 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
             t = time.perf_counter()
             if (qblock := next(blocks, None)) is None:
                 return
-            item = (qblock, *query_inputs(model, qblock.images, min(cfg.batch_size, block)))
+            item = (qblock, *query_inputs(model, qblock.images, min(cfg.batch_size, block), codebook))
             run["account"].add("embed_s", time.perf_counter() - t)
             yield item
 
