@@ -76,7 +76,7 @@ sys.path.insert(0, str(REPO))
 
 from model.features import embed, normalized_feature, stored_feature  # noqa: E402
 from model.metrics import retrieval_metrics  # noqa: E402
-from model.refine import train_quantizer  # noqa: E402
+from model.refine import gallery_code_dim, train_quantizer  # noqa: E402
 from model.registry import METHODS, get_method, method_of  # noqa: E402
 from model.scoring import lut_scores  # noqa: E402
 from pipelines.encode.run import EncodeConfig  # noqa: E402
@@ -124,7 +124,8 @@ def unseen_split(lfw: str, stored: int, crop: float, max_ids: int, seed: int) ->
 
 def rerank_ranking(pq_scores: np.ndarray, rows: np.ndarray, exact: np.ndarray, M: int) -> np.ndarray:
     """A score matrix whose ranking (desc, ties by index) is: the PQ top-R rows by exact cosine
-    first, then every other row in PQ order. PQ scores lie in [0, M]; candidates get M + 2 + cos."""
+    first, then every other row in PQ order. PQ scores lie in [0, M] (model codes) or about [-1, 1]
+    (gallery codes); candidates get M + 2 + cos."""
     out = pq_scores.astype(np.float64)
     q = np.arange(len(rows))[:, None]
     out[q, rows] = M + 2.0 + exact.astype(np.float64)
@@ -173,6 +174,18 @@ def get_model(args, cfg: TrainConfig, method, lfw: str, unseen_ids: set):
         round(tinfo["train_seconds"], 1)
 
 
+def half_trained_map(model, queries: FaceSet, database: FaceSet) -> tuple[float, float]:
+    """(mAP, P@5) of gallery codes whose quantizer was trained on every other database face only."""
+    with torch.no_grad():
+        xq, xd = embed(model, queries.images), embed(model, database.images)
+    x = normalized_feature(xd)
+    quantizer = train_quantizer(x[::2], model.cfg.M, gallery_code_dim(model.cfg.M, model.cfg.D))
+    codes = torch.from_numpy(quantizer.encode(x).astype(np.int64))
+    m = retrieval_metrics(lut_scores(torch.from_numpy(quantizer.tables(xq.numpy())), codes).numpy(),
+                          queries.labels, database.labels)
+    return m["map"], m["precision_at"][5]
+
+
 def timed(fn, repeats: int = 3):
     best, result = float("inf"), None
     for _ in range(repeats):
@@ -206,6 +219,10 @@ def main(argv=None) -> int:
                     help="a prepared face dataset (query/database splits) used instead of the AT&T folder")
     ap.add_argument("--extra-dataset", action="append", default=[], metavar="NAME=URL",
                     help="another prepared face dataset: its map_pq, map_float and largest_bucket under NAME")
+    ap.add_argument("--codes", choices=("gallery", "model"), default="gallery",
+                    help="which codes map_pq, ratio, largest_bucket and att_p5_pq report: gallery (`opqn encode --codes "
+                         "gallery`: a quantizer trained on the database's faces) or model (the network's own); both "
+                         "are always in the JSON line as *_gallery and *_model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-url", default="",
@@ -253,8 +270,10 @@ def main(argv=None) -> int:
     M, K, D = model.cfg.M, model.cfg.K, model.cfg.D
     bytes_per_code = code_bytes(M, K)
 
-    # PQ and float mAP exactly as `opqn evaluate` computes them, with the database codes' spread
-    ev = evaluate_model(model, queries, database)
+    # PQ and float mAP exactly as `opqn evaluate` computes them, with the database codes' spread,
+    # for the model's own codes and for gallery codes (a quantizer trained on the database)
+    evs = {c: evaluate_model(model, queries, database, codes=c) for c in ("model", "gallery")}
+    ev = evs[args.codes]
     map_pq, map_float = ev["quantized"]["map"], ev["float"]["map"]
 
     # re-rank, with the query stage's functions: scan kernel, stored float16 feature, exact cosine
@@ -262,6 +281,9 @@ def main(argv=None) -> int:
         xq, xd = embed(model, queries.images), embed(model, database.images)
         tables = model.tables_from_features(xq).numpy().astype(np.float32)
         codes = model.codes_from_features(xd).numpy()
+    if args.codes == "gallery":  # the PQ candidates of the re-rank come from the gallery codes, as in the query stage
+        code_q = train_quantizer(normalized_feature(xd)[:EncodeConfig.refine_sample], M, gallery_code_dim(M, D))
+        tables, codes = code_q.tables(xq.numpy()), code_q.encode(normalized_feature(xd))
     feats = stored_feature(xd)
     # the refine quantizer, trained as encode trains a gallery's: on its first faces, seeded
     t_q = time.monotonic()
@@ -294,8 +316,13 @@ def main(argv=None) -> int:
     att = (load_split(args.att_dataset, "single", stored, crop_fraction=1.0) if args.att_dataset else
            load_split(str(data_root() / "att_faces"), "cross", stored, 1.0, min_photos=2,
                       queries_per_identity=args.att_queries))
-    att_ev = evaluate_model(model, att.queries, att.database)
+    att_evs = {c: evaluate_model(model, att.queries, att.database, codes=c) for c in ("model", "gallery")}
+    att_ev = att_evs[args.codes]
     att_p5_pq, att_p5_float = att_ev["quantized"]["precision_at"][5], att_ev["float"]["precision_at"][5]
+    # a check that gallery codes do not just memorise a small database: the quantizer trained on
+    # every other database face only, then applied to all of them
+    half = {"unseen": half_trained_map(model, queries, database), "att": half_trained_map(model, att.queries,
+                                                                                          att.database)}
     print(f"AT&T faces ({len(att.queries)} queries x {len(att.database)} database): P@5 codes {att_p5_pq:.4f}, "
           f"float {att_p5_float:.4f}; largest code bucket {100 * att_ev['code_spread']['largest_bucket']:.1f}%",
           file=sys.stderr, flush=True)
@@ -335,7 +362,8 @@ def main(argv=None) -> int:
     if R_top >= N:
         print(f"(R={R_top} >= the {N} database faces: the re-rank is exact float search over float16 features, "
               f"so map_rerank should be within ~1e-3 of map_float: {map_rerank - map_float:+.4f})", flush=True)
-    out = {"bits": int(round(model.cfg.bits)), "map_pq": round(map_pq, 4), "map_float": round(map_float, 4),
+    out = {"bits": int(round(model.cfg.bits)), "codes": args.codes, "map_pq": round(map_pq, 4),
+           "map_float": round(map_float, 4),
            "map_rerank": round(map_rerank, 4), "map_refine": round(map_refine, 4),
            "refine_bytes": bytes_per_code + args.refine_bytes, "ratio": round(map_pq / map_float, 4),
            "rerank_ratio": round(map_rerank / map_float, 4), "refine_ratio": round(map_refine / map_float, 4),
@@ -344,6 +372,10 @@ def main(argv=None) -> int:
            **{f"map_rerank_{R}": round(results[R]["map"], 4) for R in Rs},
            "refine_code_bytes": args.refine_bytes, "refine_dim": quantizer.dim,
            "att_largest_bucket": round(att_ev["code_spread"]["largest_bucket"], 4),
+           **{f"map_pq_{c}": round(e["quantized"]["map"], 4) for c, e in evs.items()},
+           **{f"largest_bucket_{c}": round(e["code_spread"]["largest_bucket"], 4) for c, e in evs.items()},
+           **{f"att_p5_pq_{c}": round(e["quantized"]["precision_at"][5], 4) for c, e in att_evs.items()},
+           "map_pq_gallery_half": round(half["unseen"][0], 4), "att_p5_pq_gallery_half": round(half["att"][1], 4),
            "code_entropy_bits": round(ev["code_spread"]["code_entropy_bits"], 3),
            "codewords_used_mean": round(ev["code_spread"]["codewords_used_mean"], 1),
            "feature_bytes_per_face_raw": 2 * D, "feature_bytes_per_face_parquet": round(fsize / N, 1),
