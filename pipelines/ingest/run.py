@@ -30,7 +30,7 @@ from storage import manifest as mf
 
 from pipelines import execution
 from pipelines.formats import faces as face_format
-from pipelines.progress import Progress, format_seconds
+from pipelines.progress import Progress, format_seconds, say
 
 from .config import IngestConfig
 from .plan import hash_many, plan_photos
@@ -89,11 +89,11 @@ def _prepare(source: str, dataset: str, config: IngestConfig, stream, progress_i
     done_sources = {r["source"] for r in done}
     pending = [s for s in listing if s.url not in done_sources]
     result.skipped = len(listing) - len(pending)
-    print(f"[prepare] {len(listing)} photos under {source}: {len(pending)} to process, "
-          f"{result.skipped} already in {dataset}", file=stream, flush=True)
+    say("prepare", f"[prepare] {len(listing)} photos under {source}: {len(pending)} to process, "
+        f"{result.skipped} already in {dataset}", stream)
     progress = Progress(len(pending), "photos", "prepare", interval=progress_interval, stream=stream)
     if not pending:
-        print(result.summary(), file=stream, flush=True)
+        say("prepare", result.summary(), stream)
         return result
 
     if config.executor == "ray":
@@ -124,7 +124,7 @@ def _prepare(source: str, dataset: str, config: IngestConfig, stream, progress_i
     result.rejected = dict(rejected)
     result.nodes = dict(nodes)
     result.seconds = progress.elapsed()
-    print(result.summary(), file=stream, flush=True)
+    say("prepare", result.summary(), stream)
     return result
 
 

@@ -55,7 +55,7 @@ import pyarrow as pa
 from pipelines.execution import EXECUTORS, cluster_cpus, cluster_gpus, start_ray
 from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint, require_opqn, stored_size
 from pipelines.formats.gallery import deleted_ids, load_quantizer, require_gallery
-from pipelines.progress import Progress, format_seconds
+from pipelines.progress import Progress, format_seconds, say
 from pipelines.query.kernels import KERNELS, check_kernel, choose_kernel
 from pipelines.query.rerank import Rescorer, check_depth, rerank_topk
 from pipelines.query.results import ResultsDataset, is_single_file, results_table, write_results_file
@@ -251,13 +251,13 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
         groups = split_shards(shards, tasks, cfg.shards_per_task)
     rows_per_task = max((sum(s.rows for s in g) for g in groups), default=0)
     kernel = choose_kernel(cfg.kernel, min(block, todo), mc.K)
-    print(f"[query] {source.count} queries{f' ({start} answered before)' if start else ''}, gallery {gallery_url}: "
-          f"{gallery.rows} codes in {len(shards)} shards ({len(groups)} tasks), {len(deleted)} deleted, "
-          f"top-{cfg.top_k}"
-          f"{f' of the exact re-rank of the PQ top-{cfg.rerank}' if cfg.rerank else ''}"
-          f"{f' of the {gallery.refine_bytes}-byte refine re-rank of the PQ top-{cfg.refine}' if cfg.refine else ''}"
-          f", kernel {kernel}, executor {cfg.executor}, {n_blocks} block{'s' * (n_blocks != 1)} of up to {block} "
-          f"queries", file=out, flush=True)
+    say("query", f"[query] {source.count} queries{f' ({start} answered before)' if start else ''}, gallery "
+        f"{gallery_url}: {gallery.rows} {gallery.codes_source} codes in {len(shards)} shards ({len(groups)} tasks), "
+        f"{len(deleted)} deleted, top-{cfg.top_k}"
+        f"{f' of the exact re-rank of the PQ top-{cfg.rerank}' if cfg.rerank else ''}"
+        f"{f' of the {gallery.refine_bytes}-byte refine re-rank of the PQ top-{cfg.refine}' if cfg.refine else ''}"
+        f", kernel {kernel}, executor {cfg.executor}, {n_blocks} block{'s' * (n_blocks != 1)} of up to {block} "
+        f"queries", out)
     if not source.count:
         log.warning("no queries in %s (split %r): writing an empty result to %s", queries_url, cfg.split, results_url)
     run = {"queries": 0, "blocks": 0, "scan_seconds": 0.0, "rows_per_task": rows_per_task, "account": account}
@@ -355,10 +355,9 @@ def summarize(run: dict, total: int, rows: int, gallery, shards, groups, deleted
                "seconds": round(seconds, 3), "codes_per_s": codes_per_s, "scores_per_s": scores_per_s,
                "phases": account.to_dict(), "results_url": results_url, "config": asdict(cfg)}
     blocks = f" ({run['blocks']} blocks)" if run["blocks"] > 1 else ""
-    print(f"query: {nq} queries x {gallery.rows} codes ({len(shards)} shards, {tasks} tasks, {len(deleted)} "
-          f"deleted) -> {rows} results in {format_seconds(seconds)}{blocks}"
-          f"; scan {codes_per_s:,.0f} codes/s ({scores_per_s:,.0f} scores/s, kernel {kernel}); {results_url}",
-          file=out, flush=True)
+    say("query", f"query: {nq} queries x {gallery.rows} codes ({len(shards)} shards, {tasks} tasks, {len(deleted)} "
+        f"deleted) -> {rows} results in {format_seconds(seconds)}{blocks}"
+        f"; scan {codes_per_s:,.0f} codes/s ({scores_per_s:,.0f} scores/s, kernel {kernel}); {results_url}", out)
     if nq:
-        print(f"query: scan time: {account.describe()}", file=out, flush=True)
+        say("query", f"query: scan time: {account.describe()}", out)
     return summary
