@@ -307,7 +307,8 @@ def test_resume_after_kill_9_finishes_without_duplicates(tmp_path, lfw_dir, ray_
         "manifest.COMMIT_HOOKS.append(stop)\n"
         "from pipelines.ingest.config import IngestConfig\n"
         "from pipelines.ingest.run import prepare_dataset\n"
-        f"prepare_dataset({str(src)!r}, {dataset!r}, IngestConfig(size=32, shard_size=2, batch_size=2, num_workers=2),"
+        f"prepare_dataset({str(src)!r}, {dataset!r}, IngestConfig(size=32, shard_size=2, batch_size=2, num_workers=2, "
+        "commit_seconds=0),"
         " progress_interval=0)\n"
     )
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -320,7 +320,7 @@ def _without_sources(dataset: str, entries: list[mf.FileEntry], dropped: set[str
 
 def commit_shard(dataset: str, entries: list[mf.FileEntry], settings: dict,
                  storage_options: dict | None = None) -> mf.Manifest | None:
-    """List one shard's files in the manifest (all in one commit), recording the settings.
+    """List one or more written shards' files in the manifest (all in one commit), recording the settings.
 
     Idempotent per photo: the commit re-checks, on the manifest it lands on, which photos are
     already recorded (by URL, or by the content of a photo that gave faces: the same face ids)

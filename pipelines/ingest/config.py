@@ -66,6 +66,9 @@ class IngestConfig:
     seed: int = field(default=0, metadata={"help": "random seed of the splits"})
     shard_size: int = field(default=500, metadata={"help": "photos per output shard (the unit of resume)"})
     batch_size: int = field(default=16, metadata={"help": "photos per detector call"})
+    commit_seconds: float = field(default=10.0, metadata={
+        "help": "finished shards are listed in the manifest together at most this often (seconds); 0 commits each "
+                "as soon as it is written; longer: fewer manifest rewrites, more redone after a crash"})
     num_workers: int | None = field(default=None, metadata={"help": "shards processed at once (default: one per "
                                                                      "CPU)", "type": int,
                                                              "flags": ("--shard-workers",)})

@@ -1,9 +1,10 @@
-"""The ingest driver: list -> hash -> plan -> shards on the execution layer -> commit each shard.
+"""The ingest driver: list -> hash -> plan -> shards on the execution layer -> commit finished shards.
 
 Thin on purpose (like img2dataset's distributor): every decision is made by plain functions
 (``sources``, ``plan``, ``splits``, ``shards``, ``photos``); this module hands shards to
-``pipelines.execution.run_tasks`` (one task per shard, a bounded number in flight), commits
-each finished shard to the manifest as it arrives, and prints progress.
+``pipelines.execution.run_tasks`` (one task per shard, a bounded number in flight), lists the
+finished shards in the manifest (those finishing within ``commit_seconds`` in one commit), and
+prints progress.
 
 Executor ``ray`` (the default): Ray in-process on 127.0.0.1, the cluster named by
 ``RAY_ADDRESS`` when set, or whatever Ray the caller already initialised (all through
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -112,15 +114,29 @@ def _prepare(source: str, dataset: str, config: IngestConfig, stream, progress_i
     done_shards = execution.run_tasks(shard_task, shards, shared=(dataset, config, threads),
                                       executor=config.executor, max_in_flight=min(workers, len(shards)),
                                       num_cpus=max(1, config.torch_threads))
+    written, last_commit = [], time.monotonic()  # files of finished shards, not yet listed
+
+    def flush(force: bool = False) -> None:
+        """List the finished shards' files in one commit, at most every ``commit_seconds``: every
+        commit rewrites the manifest and re-reads its source records, so one commit per shard
+        made a dataset of many shards quadratic to write (docs/results.md, *Data safety*)."""
+        nonlocal last_commit
+        if written and (force or time.monotonic() - last_commit >= config.commit_seconds):
+            held.check()  # a job whose lease was taken over commits nothing more
+            face_format.commit_shard(dataset, list(written), settings, opts)
+            written.clear()
+            last_commit = time.monotonic()
+
     for _, stats in done_shards:
         nodes[stats["node"]] += 1
-        held.check()  # a job whose lease was taken over commits nothing more
-        face_format.commit_shard(dataset, stats["entries"], settings, opts)
+        written.extend(stats["entries"])
+        flush()
         result.shards += 1
         result.processed += stats["photos"]
         result.faces += stats["faces"]
         rejected.update(stats["rejected"])
         progress.update(stats["photos"], extra=f"{result.faces} faces")
+    flush(force=True)
     result.rejected = dict(rejected)
     result.nodes = dict(nodes)
     result.seconds = progress.elapsed()
