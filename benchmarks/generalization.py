@@ -75,10 +75,10 @@ def photo_trees(workdir: Path, data: Path) -> dict[str, Path]:
     return trees
 
 
-def evaluate_sets(model_url: str, datasets: dict[str, str]) -> dict:
+def evaluate_sets(model_url: str, datasets: dict[str, str], codes: str = "model") -> dict:
     out = {}
     for name, dataset in datasets.items():
-        r = evaluate_url(model_url, dataset, protocol="single", crop_fraction=1.0)["result"]
+        r = evaluate_url(model_url, dataset, protocol="single", crop_fraction=1.0, codes=codes)["result"]
         q, f, spread = r["quantized"], r["float"], r["code_spread"]
         out[name] = {"map_pq": round(q["map"], 4), "map_float": round(f["map"], 4),
                      "p5_pq": round(q["precision_at"][5], 4), "p5_float": round(f["precision_at"][5], 4),
@@ -99,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="runs/generalization", help="photo trees and prepared datasets (reused)")
     ap.add_argument("--crop-size", type=int, default=64, help="aligned crop size (the main job's: 64)")
     ap.add_argument("--sets", default=",".join(SETS))
+    ap.add_argument("--codes", choices=("model", "gallery"), default="model",
+                    help="codes evaluated: the model's own, or gallery codes (`opqn encode --codes gallery`)")
     args = ap.parse_args(argv)
     workdir = Path(args.workdir).resolve()
     models = [u for u in args.model_url.split(",") if u]
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
     results = {}
     for url in models:
         print(f"model {url}", flush=True)
-        results[url] = evaluate_sets(url, datasets)
+        results[url] = evaluate_sets(url, datasets, args.codes)
     print(json.dumps(results[models[0]] if len(models) == 1 else results))
     return 0
 
