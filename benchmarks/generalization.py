@@ -34,6 +34,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from model.refine import CODE_SOURCES  # noqa: E402
 from pipelines.evaluate.evaluation import evaluate_url  # noqa: E402
 from pipelines.photo_folder import list_identity_folder  # noqa: E402
 from pipelines.ingest.config import IngestConfig  # noqa: E402
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="runs/generalization", help="photo trees and prepared datasets (reused)")
     ap.add_argument("--crop-size", type=int, default=64, help="aligned crop size (the main job's: 64)")
     ap.add_argument("--sets", default=",".join(SETS))
-    ap.add_argument("--codes", choices=("model", "gallery"), default="model",
+    ap.add_argument("--codes", choices=CODE_SOURCES, default="model",
                     help="codes evaluated: the model's own, or gallery codes (`opqn encode --codes gallery`)")
     args = ap.parse_args(argv)
     workdir = Path(args.workdir).resolve()

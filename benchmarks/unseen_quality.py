@@ -76,7 +76,7 @@ sys.path.insert(0, str(REPO))
 
 from model.features import embed, normalized_feature, stored_feature  # noqa: E402
 from model.metrics import retrieval_metrics  # noqa: E402
-from model.refine import gallery_code_dim, train_quantizer  # noqa: E402
+from model.refine import CODE_SOURCES, train_gallery_codes, train_quantizer  # noqa: E402
 from model.registry import METHODS, get_method, method_of  # noqa: E402
 from model.scoring import lut_scores  # noqa: E402
 from pipelines.encode.run import EncodeConfig  # noqa: E402
@@ -174,12 +174,14 @@ def get_model(args, cfg: TrainConfig, method, lfw: str, unseen_ids: set):
         round(tinfo["train_seconds"], 1)
 
 
-def half_trained_map(model, queries: FaceSet, database: FaceSet) -> tuple[float, float]:
-    """(mAP, P@5) of gallery codes whose quantizer was trained on every other database face only."""
-    with torch.no_grad():
-        xq, xd = embed(model, queries.images), embed(model, database.images)
+def half_trained_map(model, queries: FaceSet, database: FaceSet, xq=None, xd=None) -> tuple[float, float]:
+    """(mAP, P@5) of gallery codes whose quantizer was trained on every other database face only
+    (``xq``, ``xd``: the sets' features when already computed)."""
+    if xq is None:
+        with torch.no_grad():
+            xq, xd = embed(model, queries.images), embed(model, database.images)
     x = normalized_feature(xd)
-    quantizer = train_quantizer(x[::2], model.cfg.M, gallery_code_dim(model.cfg.M, model.cfg.D))
+    quantizer = train_gallery_codes(x[::2], model.cfg.M, model.cfg.K)
     codes = torch.from_numpy(quantizer.encode(x).astype(np.int64))
     m = retrieval_metrics(lut_scores(torch.from_numpy(quantizer.tables(xq.numpy())), codes).numpy(),
                           queries.labels, database.labels)
@@ -219,7 +221,7 @@ def main(argv=None) -> int:
                     help="a prepared face dataset (query/database splits) used instead of the AT&T folder")
     ap.add_argument("--extra-dataset", action="append", default=[], metavar="NAME=URL",
                     help="another prepared face dataset: its map_pq, map_float and largest_bucket under NAME")
-    ap.add_argument("--codes", choices=("gallery", "model"), default="gallery",
+    ap.add_argument("--codes", choices=CODE_SOURCES, default="gallery",
                     help="which codes map_pq, ratio, largest_bucket and att_p5_pq report: gallery (`opqn encode --codes "
                          "gallery`: a quantizer trained on the database's faces) or model (the network's own); both "
                          "are always in the JSON line as *_gallery and *_model")
@@ -281,16 +283,16 @@ def main(argv=None) -> int:
         xq, xd = embed(model, queries.images), embed(model, database.images)
         tables = model.tables_from_features(xq).numpy().astype(np.float32)
         codes = model.codes_from_features(xd).numpy()
+    nd = normalized_feature(xd)
     if args.codes == "gallery":  # the PQ candidates of the re-rank come from the gallery codes, as in the query stage
-        code_q = train_quantizer(normalized_feature(xd)[:EncodeConfig.refine_sample], M, gallery_code_dim(M, D))
-        tables, codes = code_q.tables(xq.numpy()), code_q.encode(normalized_feature(xd))
+        code_q = train_gallery_codes(nd[:EncodeConfig.refine_sample], M, K)
+        tables, codes = code_q.tables(xq.numpy()), code_q.encode(nd)
     feats = stored_feature(xd)
     # the refine quantizer, trained as encode trains a gallery's: on its first faces, seeded
     t_q = time.monotonic()
-    quantizer = train_quantizer(normalized_feature(xd)[:EncodeConfig.refine_sample], args.refine_bytes,
-                                args.refine_dim)
+    quantizer = train_quantizer(nd[:EncodeConfig.refine_sample], args.refine_bytes, args.refine_dim)
     refine_train_s = time.monotonic() - t_q
-    refine_codes = quantizer.encode(normalized_feature(xd))
+    refine_codes = quantizer.encode(nd)
     exact, refine = Rescorer.exact(xq.numpy()), Rescorer.refine(quantizer, xq.numpy())
     nq, N = len(queries), len(database)
     pq_scores = lut_scores(torch.from_numpy(tables), torch.from_numpy(codes.astype(np.int64))).numpy()
@@ -321,7 +323,7 @@ def main(argv=None) -> int:
     att_p5_pq, att_p5_float = att_ev["quantized"]["precision_at"][5], att_ev["float"]["precision_at"][5]
     # a check that gallery codes do not just memorise a small database: the quantizer trained on
     # every other database face only, then applied to all of them
-    half = {"unseen": half_trained_map(model, queries, database), "att": half_trained_map(model, att.queries,
+    half = {"unseen": half_trained_map(model, queries, database, xq, xd), "att": half_trained_map(model, att.queries,
                                                                                           att.database)}
     print(f"AT&T faces ({len(att.queries)} queries x {len(att.database)} database): P@5 codes {att_p5_pq:.4f}, "
           f"float {att_p5_float:.4f}; largest code bucket {100 * att_ev['code_spread']['largest_bucket']:.1f}%",

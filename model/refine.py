@@ -44,6 +44,8 @@ TRANSFORM = "pca-eigenvalue-allocation"
 # LFW with 4 bytes (docs/results.md, "Gallery codes"): 16 to 256 dimensions all kept 0.63-0.69x of the
 # float mAP; 32 was best or tied on unseen LFW and AT&T.
 GALLERY_CODE_DIMS_PER_BYTE = 8
+CODE_SOURCES = ("model", "gallery")  # where a gallery's codes come from: the network, or its own quantizer
+TRAIN_SAMPLE = 50_000  # faces a gallery's quantizers are trained on (its first ones encoded)
 ROWS_PER_CHUNK = 4096  # rows encoded at once: ROWS_PER_CHUNK x 256 x dim/B float32 distances per subspace
 
 
@@ -183,6 +185,16 @@ def gallery_code_dim(M: int, D: int) -> int:
     """Projected dimension of a gallery's own codes (M bytes): GALLERY_CODE_DIMS_PER_BYTE a byte, at most D."""
     check_bytes(M, D)
     return min(GALLERY_CODE_DIMS_PER_BYTE * M, D - D % M)
+
+
+def train_gallery_codes(features: np.ndarray, M: int, K: int) -> RefineQuantizer:
+    """The quantizer of a gallery's own codes (``--codes gallery``), in place of a model's M
+    codebooks of K codewords: M bytes, so only K = 256 fits the gallery's code shards."""
+    if K != CENTROIDS:
+        raise ValueError(f"gallery codes make one byte per codebook ({CENTROIDS} centroids), but the model has "
+                         f"K={K}: use --codes model, or a model with {CENTROIDS} codewords per codebook")
+    x = np.asarray(features)
+    return train_quantizer(x, M, gallery_code_dim(M, x.shape[1]))
 
 
 def train_quantizer(features: np.ndarray, B: int, dim: int = 0, seed: int = TRAIN_SEED) -> RefineQuantizer:

@@ -136,6 +136,14 @@ def process_cached(key, make: Callable[[], Any]) -> Any:
     return _CACHE[key]
 
 
+def task_slots(num_cpus: float, num_gpus: float = 0) -> int:
+    """Tasks of ``num_cpus`` CPUs (and ``num_gpus`` GPUs) the cluster runs at once (at least 1)."""
+    slots = max(1, int(cluster_cpus() // max(num_cpus, 1e-9)))
+    if num_gpus:
+        slots = min(slots, max(1, int(cluster_gpus() // num_gpus)))
+    return slots
+
+
 def run_tasks(fn: Callable, items: Iterable, *, shared: tuple = (), executor: str = "ray",
               max_in_flight: int | None = None, num_cpus: float = 1, num_gpus: float = 0,
               spread: bool = False, max_retries: int = 3) -> Iterator[tuple[Any, Any]]:
@@ -158,10 +166,7 @@ def run_tasks(fn: Callable, items: Iterable, *, shared: tuple = (), executor: st
     remote = ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
                                     scheduling_strategy="SPREAD" if spread else "DEFAULT")
     refs = [ray.put(obj) for obj in shared]
-    slots = max(1, int(cluster_cpus() // max(num_cpus, 1e-9)))
-    if num_gpus:
-        slots = min(slots, max(1, int(cluster_gpus() // num_gpus)))
-    limit = max_in_flight or 2 * slots
+    limit = max_in_flight or 2 * task_slots(num_cpus, num_gpus)
     source = iter(items)
     in_flight: dict = {}
     exhausted = False

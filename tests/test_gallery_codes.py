@@ -20,12 +20,11 @@ from pipelines.evaluate.protocols import load_split
 from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint, stored_size
 from pipelines.formats.gallery import load_quantizer, read_codes, require_gallery
 from pipelines.query.run import QueryConfig, query_batch
-from pipelines.train.local import TrainConfig, train_local
 from storage import manifest as manifests
 from storage.manifest import read_manifest
 from test_query import assert_same
 from test_refine import assert_refine_codes_of, database_features
-from test_rerank import ENC, LOCAL, dataset, query_side  # noqa: F401
+from test_rerank import ENC, LOCAL, dataset, query_side, tiny_model  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -35,10 +34,7 @@ GALLERY_CODES = replace(ENC, codes="gallery")
 @pytest.fixture(scope="module")
 def model_url(dataset, tmp_path_factory):
     """M = 2 codebooks of K = 256 codewords, D = 512: gallery codes are 2 bytes over 16 dimensions."""
-    url = str(tmp_path_factory.mktemp("model256") / "m.pt")
-    train_local(TrainConfig(data=str(dataset), model_url=url, bits=16, codewords=256, dim=0, width=0.125,
-                            epochs=1, batch_size=16), evaluate=False)
-    return url
+    return tiny_model(dataset, tmp_path_factory.mktemp("model256"), codewords=256, dim=0)
 
 
 @pytest.fixture(scope="module")

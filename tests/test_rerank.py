@@ -50,12 +50,17 @@ def dataset(lfw_dir, tmp_path_factory):
     return write_face_dataset(tmp_path_factory.mktemp("rerank") / "ds", lfw_dir, identities=8, photos=8, shards=3)
 
 
-@pytest.fixture(scope="module")
-def model_url(dataset, tmp_path_factory):
-    url = str(tmp_path_factory.mktemp("model") / "m.pt")
-    train_local(TrainConfig(data=str(dataset), model_url=url, bits=16, codewords=16, dim=64, width=0.125,
+def tiny_model(dataset, folder, codewords: int = 16, dim: int = 64) -> str:
+    """A 16-bit OPQN trained for one epoch on ``dataset``, saved in ``folder``; its URL."""
+    url = str(folder / "m.pt")
+    train_local(TrainConfig(data=str(dataset), model_url=url, bits=16, codewords=codewords, dim=dim, width=0.125,
                             epochs=1, batch_size=16), evaluate=False)
     return url
+
+
+@pytest.fixture(scope="module")
+def model_url(dataset, tmp_path_factory):
+    return tiny_model(dataset, tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from model.features import embed, normalized_feature
-from model.refine import check_bytes, gallery_code_dim, train_quantizer
+from model.refine import check_bytes, train_gallery_codes, train_quantizer
 from pipelines.formats.checkpoint import model_from_checkpoint, stored_size
 from pipelines.formats.faces import decode_face, read_face_columns
 from pipelines.formats.gallery import Gallery
@@ -94,11 +94,11 @@ def prepare_quantizers(state: dict, gallery: Gallery | None, gallery_url: str, s
             sample.append(x)
         return sample[0]
 
-    def setup(kind: str, meta: dict | None, B: int, dim: int) -> RefineSetup:
+    def setup(kind: str, meta: dict | None, train) -> RefineSetup:
         if meta is not None:
             return RefineSetup(meta, None)
         x = features()
-        quantizer = train_quantizer(x, B, dim)
+        quantizer = train(x)
         entry, new = write_quantizer(gallery_url, quantizer, len(x), kind=kind)
         say("encode", f"encode: trained the gallery's {kind} quantizer (PQ {quantizer.bytes} x 8 bit over a "
             f"{quantizer.dim}-dim projection of D={quantizer.D}) on {len(x)} faces -> {entry.path}", out)
@@ -106,12 +106,10 @@ def prepare_quantizers(state: dict, gallery: Gallery | None, gallery_url: str, s
 
     codebook = refine = None
     if cfg.codes == "gallery":
-        if c["K"] != 256:
-            raise ValueError(f"--codes gallery makes one byte per codebook (K = 256 centroids), but the model has "
-                             f"K={c['K']}: use --codes model, or a model with 256 codewords per codebook")
-        codebook = setup("codes", gallery.codebook_meta if gallery else None, c["M"], gallery_code_dim(c["M"], c["D"]))
+        codebook = setup("codes", gallery.codebook_meta if gallery else None,
+                         lambda x: train_gallery_codes(x, c["M"], c["K"]))
     if cfg.refine_bytes:
         check_bytes(cfg.refine_bytes, c["D"])
-        refine = setup("refine", gallery.refine_meta if gallery and gallery.has_refine else None, cfg.refine_bytes,
-                       cfg.refine_dim)
+        refine = setup("refine", gallery.refine_meta if gallery and gallery.has_refine else None,
+                       lambda x: train_quantizer(x, cfg.refine_bytes, cfg.refine_dim))
     return codebook, refine

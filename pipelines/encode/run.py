@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipelines.encode.encoder import EncodeJob, encode_source, model_state
+from model.refine import CODE_SOURCES, TRAIN_SAMPLE
 from pipelines.encode.quantizers import prepare_quantizers
 from pipelines.execution import EXECUTORS, run_tasks, start_ray
 from pipelines.formats.checkpoint import load_checkpoint, require_opqn
@@ -32,9 +33,6 @@ from pipelines.formats.gallery import erased_hashes, gallery_metadata, open_gall
 from pipelines.formats.gallery_writer import commit_sources
 from pipelines.progress import Progress, format_seconds, say
 from storage import lease, urls
-
-
-CODE_SOURCES = ("model", "gallery")
 
 
 @dataclass
@@ -66,7 +64,7 @@ class EncodeConfig:
                 "first encode, which trains the quantizer on its first faces"})
     refine_dim: int = field(default=0, metadata={"help": "dimension the feature is projected to before the "
                                                           "refine PQ (0: min(4 B, D))"})
-    refine_sample: int = field(default=50_000, metadata={"help": "faces the refine quantizer is trained on "
+    refine_sample: int = field(default=TRAIN_SAMPLE, metadata={"help": "faces the refine quantizer is trained on "
                                                                   "(the first ones encoded)"})
     commit_seconds: float = field(default=10.0, metadata={
         "help": "finished source shards are committed together at most this often (seconds); 0 commits each "

@@ -7,7 +7,8 @@ import logging
 import sys
 
 from model.registry import METHODS
-from pipelines.evaluate.evaluation import CODE_SOURCES, DEFAULT_TS, evaluate_url
+from model.refine import CODE_SOURCES
+from pipelines.evaluate.evaluation import DEFAULT_TS, evaluate_url
 from pipelines.evaluate.protocols import PROTOCOLS
 from pipelines.progress import format_seconds
 

@@ -10,7 +10,7 @@ warns when one code holds too much of the database (a collapsed head, "sink code
 codes-only retrieval cannot rank faces that share a code.
 
 ``codes="gallery"`` evaluates the codes ``opqn encode --codes gallery`` writes: a quantizer
-trained, as encode trains it, on the database's first ``GALLERY_SAMPLE`` faces, whose tables
+trained, as encode trains it, on the database's first ``model.refine.TRAIN_SAMPLE`` faces, whose tables
 score the queries (``pipelines.encode.quantizers``).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from model.code_spread import code_spread, mixed_bucket, sink_warning
 from model.features import embed
 from model.metrics import retrieval_metrics
-from model.refine import gallery_code_dim, train_quantizer
+from model.refine import CODE_SOURCES, TRAIN_SAMPLE, train_gallery_codes
 from model.scoring import lut_scores
 from model.registry import Method, method_of
 from pipelines.evaluate.protocols import check_split, is_shard_dataset, load_split
@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TS = (1, 5, 10, 20, 50, 100, 200, 500)
 TRAIN_TS = (1, 5, 10, 20, 50, 100)  # P@T of the trainers' end-of-run summary
-GALLERY_SAMPLE = 50_000  # faces a gallery's code quantizer is trained on (EncodeConfig.refine_sample's default)
-CODE_SOURCES = ("model", "gallery")
 
 
 def evaluate_model(model: torch.nn.Module, queries: FaceSet, database: FaceSet, ts=DEFAULT_TS,
@@ -69,13 +67,11 @@ def _evaluate(model: torch.nn.Module, queries: FaceSet, database: FaceSet, ts,
         raise ValueError(f"codes must be one of {CODE_SOURCES}, got {codes!r}")
     model.eval()
     xq, xd = embed(model, queries.images), embed(model, database.images)
-    cos = (F.normalize(xq, dim=1) @ F.normalize(xd, dim=1).T)
+    nd = F.normalize(xd, dim=1)
+    cos = F.normalize(xq, dim=1) @ nd.T
     if codes == "gallery":
-        if getattr(model.cfg, "K", 0) != 256:
-            raise ValueError("gallery codes (one byte per codebook) need a model with K = 256 codewords per codebook")
-        quantizer = train_quantizer(F.normalize(xd, dim=1)[:GALLERY_SAMPLE].numpy(), model.cfg.M,
-                                    gallery_code_dim(model.cfg.M, model.cfg.D))
-        db_codes = torch.from_numpy(quantizer.encode(F.normalize(xd, dim=1).numpy()))
+        quantizer = train_gallery_codes(nd[:TRAIN_SAMPLE].numpy(), model.cfg.M, getattr(model.cfg, "K", 2))
+        db_codes = torch.from_numpy(quantizer.encode(nd.numpy()))
         scores = lut_scores(torch.from_numpy(quantizer.tables(xq.numpy())), db_codes)
     else:
         db_codes = model.codes_from_features(xd)

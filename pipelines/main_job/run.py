@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 
+from model.refine import CODE_SOURCES
 from pipelines.progress import format_seconds, say
 from pipelines.train.recipe import Recipe
 from storage import files, urls
@@ -49,7 +50,7 @@ class PipelineConfig(Recipe):
     codes: str = field(default="model", metadata={
         "help": "gallery codes: model (the network's own, the paper's) or gallery (a quantizer trained on the "
                 "gallery's faces: better on people the model never saw); evaluate scores the same codes",
-        "choices": ("model", "gallery")})
+        "choices": CODE_SOURCES})
     refine_bytes: int = field(default=0, metadata={"help": "gallery keeps a compact refine code of B bytes a face "
                                                             "(60: 64 bytes with the codes); 0: none"})
     refine: int = field(default=0, metadata={"help": "re-score the PQ top-R with the refine codes (needs "

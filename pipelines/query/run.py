@@ -52,7 +52,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pipelines.execution import EXECUTORS, cluster_cpus, cluster_gpus, start_ray
+from pipelines.execution import EXECUTORS, start_ray
+from pipelines.execution import task_slots as cluster_task_slots
 from pipelines.formats.checkpoint import load_checkpoint, model_from_checkpoint, require_opqn, stored_size
 from pipelines.formats.gallery import deleted_ids, load_quantizer, require_gallery
 from pipelines.progress import Progress, format_seconds, say
@@ -247,7 +248,7 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
     if cfg.rows_per_task:
         groups = group_shards(shards, cfg.rows_per_task, cfg.shards_per_task)
     else:
-        tasks = task_count(gallery.rows, code_bytes(gallery), min(block, todo), slots, cfg.task_seconds)
+        tasks = task_count(gallery.rows, stored_bytes_per_code(gallery), min(block, todo), slots, cfg.task_seconds)
         groups = split_shards(shards, tasks, cfg.shards_per_task)
     rows_per_task = max((sum(s.rows for s in g) for g in groups), default=0)
     kernel = choose_kernel(cfg.kernel, min(block, todo), mc.K)
@@ -311,7 +312,7 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
                      time.monotonic() - t0, out)
 
 
-def code_bytes(gallery) -> float:
+def stored_bytes_per_code(gallery) -> float:
     """Bytes in storage per code of the gallery's code shards (face id and identity included)."""
     return sum(s.size for s in gallery.shards) / max(gallery.rows, 1)
 
@@ -320,8 +321,7 @@ def task_slots(cfg: QueryConfig) -> int:
     """Scan tasks that run at once: 1 in this process, else the cluster's CPUs (or GPUs) per task."""
     if cfg.executor != "ray":
         return 1
-    slots = cluster_cpus() // cfg.threads_per_task
-    return max(1, min(slots, int(cluster_gpus() // cfg.gpus_per_task)) if cfg.gpus_per_task else slots)
+    return cluster_task_slots(cfg.threads_per_task, cfg.gpus_per_task)
 
 
 def scan_block(tables, features, groups, deleted, settings: ScanSettings, cfg: QueryConfig, quantizer,
