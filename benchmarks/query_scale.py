@@ -14,15 +14,18 @@ cycled under distinct face ids: decoding and embedding cost as for real crops).
    results dataset, with ``--memory-mb`` (or ``--query-block``) fixing the block size, while
    ``benchmarks.memory.PeakMemory`` samples its whole process tree (driver, Ray's processes and
    workers). Reported: peak summed RSS and PSS of the tree, the scan's scores/s (queries x
-   codes / scan seconds, the embedding of the queries left out, as ``opqn query`` reports it),
-   scores per task CPU-second, and the job's ``phases`` (``pipelines.query.account``).
-3. ``efficiency`` = end-to-end scores/s / (kernel scores/s x CPUs), at the largest query count;
+   codes / scan seconds, the embedding of the queries left out, as ``opqn query`` reports it;
+   the fresh process's Ray workers start and import torch during its first seconds),
+   scores per task CPU-second, and the job's ``phases`` (``pipelines.query.account``). With
+   ``--warm`` the job runs a second time in the same process, its workers up: ``warm_*``.
+3. ``efficiency`` = end-to-end scores/s / (kernel scores/s x CPUs), at the largest query count
+   (``efficiency_by_queries``: at each);
    ``cpu_efficiency`` = scores per task CPU-second / the kernel's per CPU-second (what the
    tasks' reading and merging cost, whatever the machine's load); ``memory_ratio`` = tree peak
    at the largest query count / at the smallest.
 4. ``--cluster``: the same job on a loopback Ray cluster (``infra.ray_local``) of one node, then
-   two, of ``--cluster-cpus`` CPUs each; each job runs twice and the second run counts (the
-   workers are up). Prints both rates, their ratio and the tasks per node.
+   two, of ``--cluster-cpus`` CPUs each; each job runs three times in one process and the best
+   of the second and third counts (the workers are up). Prints both rates, their ratio and the tasks per node.
 5. ``--capacity RESULT``: the capacity table of docs/operations.md from a result line (a file
    holding this benchmark's output; its last line is used).
 
@@ -31,6 +34,7 @@ kernel_scores_per_s, efficiency. The machine may be shared: numbers from a loade
 are not targets met; re-run on a quiet one.
     nice .venv/bin/python benchmarks/query_scale.py --codes 200000 --queries 1000,10000
     nice .venv/bin/python benchmarks/query_scale.py --codes 10000000 --queries 64 --cluster
+    .venv/bin/python benchmarks/query_scale.py --codes 100000000 --shard-rows 1000000 --queries 64,256,1024 --warm
 """
 from __future__ import annotations
 
@@ -125,26 +129,28 @@ def per_core_rates(gallery: str, k: int, queries: int = 64, max_codes: int = 2_0
 
 
 def run_one(args) -> None:
-    """Child process: the query job under PeakMemory (``--repeat`` times, each into fresh results,
-    the last one reported: later runs find the Ray workers started); prints one JSON line."""
+    """Child process: the query job under PeakMemory (``--repeat`` times, each into fresh results);
+    prints one JSON line: the first run's rate (a fresh process: Ray started, its workers import
+    torch during the scan's first seconds) and the last's (``warm_scores_per_s``: the workers up)."""
     from memory import PeakMemory
     from pipelines.query.run import QueryConfig, query_batch
 
     cfg = QueryConfig(top_k=args.top_k, rows_per_task=args.rows_per_task, query_block=args.query_block,
                       memory_mb=args.memory_mb, progress_interval=30.0)
-    cold = []
+    runs = []
     with PeakMemory() as peak:
         for i in range(args.repeat):
-            summary = query_batch(args.model, args.gallery, args.query_set, f"{args.results}-{i}", cfg)
-            cold.append(summary["scan_seconds"])
-    phases = summary["phases"]
-    print(json.dumps({"queries": summary["queries"], "blocks": summary["blocks"], "tasks": summary["tasks"],
-                      "rows_per_task": summary["rows_per_task"], "kernel": summary["kernel"],
-                      "nodes": summary["nodes"], "phases": phases, "scan_seconds": summary["scan_seconds"],
-                      "earlier_scan_seconds": cold[:-1], "seconds": summary["seconds"],
-                      "scores_per_s": summary["scores_per_s"],
-                      "task_cpu_scores_per_s": summary["queries"] * summary["gallery_codes"] / max(phases["task_cpu_s"],
-                                                                                                    1e-9),
+            runs.append(query_batch(args.model, args.gallery, args.query_set, f"{args.results}-{i}", cfg))
+    first, last = runs[0], runs[-1]
+    phases = first["phases"]
+    print(json.dumps({"queries": first["queries"], "blocks": first["blocks"], "tasks": first["tasks"],
+                      "rows_per_task": first["rows_per_task"], "kernel": first["kernel"],
+                      "nodes": first["nodes"], "phases": phases, "scan_seconds": first["scan_seconds"],
+                      "later_scan_seconds": [r["scan_seconds"] for r in runs[1:]], "seconds": first["seconds"],
+                      "scores_per_s": first["scores_per_s"], "warm_scores_per_s": last["scores_per_s"],
+                      "warm_phases": last["phases"],
+                      "task_cpu_scores_per_s": first["queries"] * first["gallery_codes"] / max(phases["task_cpu_s"],
+                                                                                                1e-9),
                       "peak_rss_mb": round(peak.tree_rss / 2**20), "peak_pss_mb": round(peak.tree_pss / 2**20),
                       "median_late_pss_mb": round(peak.median_late() / 2**20),
                       "driver_rss_mb": round(peak.driver_rss / 2**20)}))
@@ -178,13 +184,13 @@ def cluster_runs(args, work: Path, model: str, gallery: str, query_set: Path) ->
                         {**os.environ, "RAY_ADDRESS": address}, repeat=3)
         finally:
             stop_pid(proc.pid)
-        warm = run["earlier_scan_seconds"][1:] + [run["scan_seconds"]]
+        warm = run["later_scan_seconds"]
         run.update(cluster_nodes=nodes, load_avg=[load, os.getloadavg()[0]], warm_scan_seconds=warm,
                    best_scores_per_s=run["queries"] * args.codes / min(warm))
         runs.append(run)
         print(f"{nodes} node(s) x {args.cluster_cpus:g} CPU: {run['tasks']} tasks on {run['nodes']} node(s) "
-              f"{sorted(run['phases']['node_tasks'].values())}, scan {min(warm)} s (best of {warm}; cold "
-              f"{run['earlier_scan_seconds'][0]} s) = {run['best_scores_per_s'] / 1e6:,.0f} M scores/s; "
+              f"{sorted(run['warm_phases']['node_tasks'].values())}, scan {min(warm)} s (best of {warm}; cold "
+              f"{run['scan_seconds']} s) = {run['best_scores_per_s'] / 1e6:,.0f} M scores/s; "
               f"load {run['load_avg']}", flush=True)
     rates = [r["best_scores_per_s"] for r in runs]
     return {"codes": args.codes, "queries": runs[-1]["queries"], "cpus_per_node": args.cluster_cpus,
@@ -246,6 +252,8 @@ def main(argv=None) -> int:
     p.add_argument("--memory-mb", type=int, default=256)
     p.add_argument("--query-block", type=int, default=0)
     p.add_argument("--workdir", default="", help="keep the synthetic data here (reused when present)")
+    p.add_argument("--warm", action="store_true",
+                   help="run each job twice in one process and report the second run too (the workers up)")
     p.add_argument("--cluster", action="store_true",
                    help="scan on a loopback Ray cluster of 1 node, then 2 nodes (infra.ray_local); report the ratio")
     p.add_argument("--cluster-cpus", type=float, default=1, help="CPUs of each loopback node (--cluster)")
@@ -288,17 +296,26 @@ def main(argv=None) -> int:
           f"{rates['read_codes_per_cpu_s'] / 1e6:,.1f} M codes per CPU-second", flush=True)
     runs = []
     for n in counts:
-        run = child(args, model, gallery, work / f"queries-{n}", work / f"results-{n}-{time.time_ns()}")
+        run = child(args, model, gallery, work / f"queries-{n}", work / f"results-{n}-{time.time_ns()}",
+                    repeat=2 if args.warm else 1)
+        run["efficiency"] = run["scores_per_s"] / (kernel * cpus())
+        run["warm_efficiency"] = run["warm_scores_per_s"] / (kernel * cpus())
         runs.append(run)
+        warm = (f" (second run, workers up: {run['warm_scores_per_s'] / 1e6:,.0f} M scores/s, efficiency "
+                f"{run['warm_efficiency']:.2f})" if args.warm else "")
         print(f"{run['queries']} queries x {args.codes} codes: {run['blocks']} blocks, scan {run['scan_seconds']} s "
-              f"= {run['scores_per_s'] / 1e6:,.0f} M scores/s; peak tree RSS {run['peak_rss_mb']} MB, PSS "
-              f"{run['peak_pss_mb']} MB (driver {run['driver_rss_mb']} MB)", flush=True)
+              f"= {run['scores_per_s'] / 1e6:,.0f} M scores/s, efficiency {run['efficiency']:.2f}{warm}; peak tree "
+              f"RSS {run['peak_rss_mb']} MB, PSS {run['peak_pss_mb']} MB (driver {run['driver_rss_mb']} MB)",
+              flush=True)
         print(f"  {run['tasks']} tasks of <= {run['rows_per_task']} codes, kernel {run['kernel']}; phases "
               f"{run['phases']}", flush=True)
     last, first = runs[-1], runs[0]
     result = {"codes": args.codes, "queries": last["queries"], "peak_rss_mb": last["peak_rss_mb"],
               "scores_per_s": last["scores_per_s"], "kernel_scores_per_s": kernel,
-              "efficiency": last["scores_per_s"] / (kernel * cpus()), "cpus": cpus(),
+              "efficiency": last["efficiency"], "cpus": cpus(),
+              "efficiency_by_queries": {r["queries"]: round(r["efficiency"], 3) for r in runs},
+              **({"warm_efficiency_by_queries": {r["queries"]: round(r["warm_efficiency"], 3) for r in runs}}
+                 if args.warm else {}),
               "task_cpu_scores_per_s": last["task_cpu_scores_per_s"],
               "cpu_efficiency": last["task_cpu_scores_per_s"] / rates["kernel_cpu_scores_per_s"], **rates,
               "memory_ratio_rss": last["peak_rss_mb"] / max(first["peak_rss_mb"], 1),

@@ -68,6 +68,9 @@ def quiet_engines() -> None:
 quiet_engines()
 
 
+_SPARE_CPUS = [0]  # CPUs the local Ray started here declares beyond the machine's cores
+
+
 def start_ray(num_cpus: int | None = None, *, worker_logs: bool | None = None, object_store_mb: int | None = None):
     """Join ``RAY_ADDRESS`` or start Ray in-process on 127.0.0.1; a no-op when Ray is up.
 
@@ -95,7 +98,8 @@ def start_ray(num_cpus: int | None = None, *, worker_logs: bool | None = None, o
             # "local" always starts a private instance; a bare ray.init() would attach to
             # any cluster someone started on this machine with `ray start`.
             store = {"object_store_memory": object_store_mb * 2**20} if object_store_mb else {}
-            ray.init(address="local", num_cpus=num_cpus or (os.cpu_count() or 1) + 1,
+            _SPARE_CPUS[0] = 0 if num_cpus else 1
+            ray.init(address="local", num_cpus=num_cpus or (os.cpu_count() or 1) + _SPARE_CPUS[0],
                      include_dashboard=False, _node_ip_address="127.0.0.1", **store, **common)
     ctx = ray.data.DataContext.get_current()
     # the stages print their own progress lines (counts, rate, ETA); Ray Data's
@@ -136,9 +140,15 @@ def process_cached(key, make: Callable[[], Any]) -> Any:
     return _CACHE[key]
 
 
-def task_slots(num_cpus: float, num_gpus: float = 0) -> int:
-    """Tasks of ``num_cpus`` CPUs (and ``num_gpus`` GPUs) the cluster runs at once (at least 1)."""
-    slots = max(1, int(cluster_cpus() // max(num_cpus, 1e-9)))
+def task_slots(num_cpus: float, num_gpus: float = 0, *, cores_only: bool = False) -> int:
+    """Tasks of ``num_cpus`` CPUs (and ``num_gpus`` GPUs) the cluster runs at once (at least 1).
+
+    ``cores_only`` leaves out the spare CPU a local Ray started by ``start_ray`` declares (for
+    Ray Data's read tasks): CPU-bound tasks such as the query scan run one per core, since a
+    third task on two cores only shares them (docs/operations.md, *Capacity*)."""
+    cpus = cluster_cpus()
+    cpus -= _SPARE_CPUS[0] if cores_only and cpus > _SPARE_CPUS[0] else 0
+    slots = max(1, int(cpus // max(num_cpus, 1e-9)))
     if num_gpus:
         slots = min(slots, max(1, int(cluster_gpus() // num_gpus)))
     return slots

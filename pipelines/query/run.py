@@ -88,8 +88,8 @@ class QueryConfig:
                                                                 "tasks)"})
     shards_per_task: int = field(default=0, metadata={"help": "at most this many shards per scan task (0: no "
                                                                "limit)"})
-    max_in_flight: int = field(default=0, metadata={"help": "scan tasks running or queued at once (0: 2 per CPU "
-                                                             "of the cluster)"})
+    max_in_flight: int = field(default=0, metadata={"help": "scan tasks running at once (0: one per core of the "
+                                                             "cluster and --threads-per-task)"})
     threads_per_task: int = field(default=1, metadata={"help": "CPUs each scan task asks Ray for, and its "
                                                                 "torch/faiss threads"})
     gpus_per_task: float = field(default=0.0, metadata={"help": "GPUs each scan task asks Ray for (the torch "
@@ -293,7 +293,7 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
             account.add("warmup_wait_s", time.monotonic() - t_scan)
         label = "query" if n_blocks == 1 else f"query {b + 1}/{n_blocks}"
         best = scan_block(tables, features, groups, deleted, settings, cfg, quantizer,
-                          Progress(len(shards), "shards", label, cfg.progress_interval, out), run["account"])
+                          Progress(len(shards), "shards", label, cfg.progress_interval, out), run["account"], slots)
         run["scan_seconds"] += time.monotonic() - t_scan
         run["queries"] += len(qblock.ids)
         run["blocks"] += 1
@@ -318,21 +318,22 @@ def stored_bytes_per_code(gallery) -> float:
 
 
 def task_slots(cfg: QueryConfig) -> int:
-    """Scan tasks that run at once: 1 in this process, else the cluster's CPUs (or GPUs) per task."""
+    """Scan tasks that run at once: 1 in this process, else ``cfg.max_in_flight`` or the cluster's
+    cores (or GPUs) per task (a local Ray's spare CPU left out: the scan is CPU-bound)."""
     if cfg.executor != "ray":
         return 1
-    return cluster_task_slots(cfg.threads_per_task, cfg.gpus_per_task)
+    return cfg.max_in_flight or cluster_task_slots(cfg.threads_per_task, cfg.gpus_per_task, cores_only=True)
 
 
 def scan_block(tables, features, groups, deleted, settings: ScanSettings, cfg: QueryConfig, quantizer,
-               progress: Progress, account: ScanAccount) -> pa.Table:
+               progress: Progress, account: ScanAccount, slots: int) -> pa.Table:
     """The top-k table of one block of queries over the whole gallery (re-ranked when asked)."""
     rescorer = (Rescorer.exact(features) if cfg.rerank else Rescorer.refine(quantizer, features) if cfg.refine
                 else None)
     if not len(tables):
         return empty_topk()
     best = scan_gallery(tables, groups, deleted, settings, progress, executor=cfg.executor,
-                        max_in_flight=cfg.max_in_flight, cpus_per_task=cfg.threads_per_task,
+                        max_in_flight=slots, cpus_per_task=cfg.threads_per_task,
                         gpus_per_task=cfg.gpus_per_task, account=account, rescorer=rescorer)
     return rerank_topk(best, cfg.top_k) if rescorer is not None else best
 
