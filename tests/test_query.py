@@ -257,9 +257,20 @@ def test_ray_tasks_bounded_in_flight_match_local(queries, tmp_path, ray_local, m
     out = tmp_path / "r.parquet"
     summary = query_batch(model_url, gallery, queries, str(out),
                           QueryConfig(top_k=25, rows_per_task=600, max_in_flight=2, progress_interval=0.0))
-    assert summary["tasks"] == 5
+    assert summary["tasks"] == 5 and summary["task_slots"] == 2
     assert len(waited) == 5 and max(waited) == 2  # never more than max_in_flight tasks submitted
-    assert_same(out, brute_force(model_url, queries, codes, face_ids, 25, deleted={"f0", "f2999"}))
+    expected = brute_force(model_url, queries, codes, face_ids, 25, deleted={"f0", "f2999"})
+    assert_same(out, expected)
+
+    # by default one task per core: a local Ray's spare CPU (start_ray declares cores + 1) is left out
+    from pipelines import execution
+
+    monkeypatch.setattr(execution, "_SPARE_CPUS", [1])  # as if this 2-CPU Ray were 1 core + the spare
+    waited.clear()
+    summary = query_batch(model_url, gallery, queries, str(tmp_path / "r1.parquet"),
+                          QueryConfig(top_k=25, rows_per_task=600, progress_interval=0.0))
+    assert summary["task_slots"] == 1 and max(waited) == 1
+    assert_same(tmp_path / "r1.parquet", expected)
 
 
 def test_cli_end_to_end_and_progress(queries, tmp_path, capsys, ray_local):

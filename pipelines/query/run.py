@@ -253,7 +253,7 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
     rows_per_task = max((sum(s.rows for s in g) for g in groups), default=0)
     kernel = choose_kernel(cfg.kernel, min(block, todo), mc.K)
     say("query", f"[query] {source.count} queries{f' ({start} answered before)' if start else ''}, gallery "
-        f"{gallery_url}: {gallery.rows} {gallery.codes_source} codes in {len(shards)} shards ({len(groups)} tasks), "
+        f"{gallery_url}: {gallery.rows} {gallery.codes_source} codes in {len(shards)} shards ({len(groups)} tasks, {slots} at once), "
         f"{len(deleted)} deleted, top-{cfg.top_k}"
         f"{f' of the exact re-rank of the PQ top-{cfg.rerank}' if cfg.rerank else ''}"
         f"{f' of the {gallery.refine_bytes}-byte refine re-rank of the PQ top-{cfg.refine}' if cfg.refine else ''}"
@@ -261,7 +261,8 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
         f"queries", out)
     if not source.count:
         log.warning("no queries in %s (split %r): writing an empty result to %s", queries_url, cfg.split, results_url)
-    run = {"queries": 0, "blocks": 0, "scan_seconds": 0.0, "rows_per_task": rows_per_task, "account": account}
+    run = {"queries": 0, "blocks": 0, "scan_seconds": 0.0, "rows_per_task": rows_per_task, "account": account,
+           "slots": slots}
     settings = ScanSettings(cfg.depth, cfg.kernel, storage_options,
                             threads=cfg.threads_per_task if cfg.executor == "ray" else 0)
 
@@ -350,7 +351,8 @@ def summarize(run: dict, total: int, rows: int, gallery, shards, groups, deleted
     kernel = "+".join(sorted(account.kernels)) or kernel  # what the tasks used (auto: per block)
     nodes = len(account.node_tasks) if cfg.executor == "ray" else 0
     summary = {"queries": total, "new_queries": nq, "blocks": run["blocks"], "gallery_codes": gallery.rows,
-               "deleted": len(deleted), "shards": len(shards), "tasks": tasks, "nodes": nodes,
+               "deleted": len(deleted), "shards": len(shards), "tasks": tasks, "task_slots": run["slots"],
+               "nodes": nodes,
                "rows_per_task": run["rows_per_task"], "top_k": cfg.top_k, "rerank": cfg.rerank,
                "refine": cfg.refine, "kernel": kernel, "result_rows": rows, "scan_seconds": round(scan_seconds, 3),
                "seconds": round(seconds, 3), "codes_per_s": codes_per_s, "scores_per_s": scores_per_s,
