@@ -253,7 +253,8 @@ def query_batch(model_url: str, gallery_url: str, queries_url: str, results_url:
     rows_per_task = max((sum(s.rows for s in g) for g in groups), default=0)
     kernel = choose_kernel(cfg.kernel, min(block, todo), mc.K)
     say("query", f"[query] {source.count} queries{f' ({start} answered before)' if start else ''}, gallery "
-        f"{gallery_url}: {gallery.rows} {gallery.codes_source} codes in {len(shards)} shards ({len(groups)} tasks, {slots} at once), "
+        f"{gallery_url}: {gallery.rows} {gallery.codes_source} codes in {len(shards)} shards ({len(groups)} tasks, "
+        f"{slots} at once), "
         f"{len(deleted)} deleted, top-{cfg.top_k}"
         f"{f' of the exact re-rank of the PQ top-{cfg.rerank}' if cfg.rerank else ''}"
         f"{f' of the {gallery.refine_bytes}-byte refine re-rank of the PQ top-{cfg.refine}' if cfg.refine else ''}"
