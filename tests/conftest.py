@@ -98,9 +98,10 @@ def ray_local(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3_server):
     """A real two-node Ray cluster on 127.0.0.1 (head + one extra node, 2 CPUs each); yields
-    its address for RAY_ADDRESS."""
+    its address for RAY_ADDRESS. Started after the S3 server, so its workers see the S3 endpoint;
+    CLI runs in a subprocess join it rather than start a Ray of their own (seconds each)."""
     from infra.ray_local import start, stop_pid
 
     proc, address = start(nodes=2, cpus_per_node=2)

@@ -121,7 +121,7 @@ def test_deletions_then_compaction_keep_every_other_face(dataset, model_url, tmp
     assert info(gallery)["deleted"] == 0 and not require_gallery(gallery).tombstones
 
 
-def test_killed_run_then_rerun_has_no_duplicate_or_missing_face(lfw_dir, model_url, tmp_path):
+def test_killed_run_then_rerun_has_no_duplicate_or_missing_face(lfw_dir, model_url, tmp_path, ray_cluster):
     ds = write_face_dataset(tmp_path / "ds", lfw_dir, identities=8, photos=10, shards=10)
     gallery = tmp_path / "gallery"
     args = ["encode", model_url, str(ds), str(gallery), "--batch-size", "2", "--commit-seconds", "0"]
@@ -134,12 +134,13 @@ def test_killed_run_then_rerun_has_no_duplicate_or_missing_face(lfw_dir, model_u
         "manifest.COMMIT_HOOKS.append(lambda root, m: m.generation >= 3 and os.kill(os.getpid(), signal.SIGKILL))\n"
         "from pipelines.cli import main\n"
         f"sys.exit(main({args!r}))\n")
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}  # the session's cluster: no Ray start per run
     killed = subprocess.run([sys.executable, "-c", kill_after_third_commit], capture_output=True, text=True,
-                            timeout=600)
+                            timeout=600, env=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     partial = require_gallery(str(gallery))
     assert len(partial.encoded_sources) == 3
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(require_gallery(str(gallery)).encoded_sources) == 10
     assert set(gallery_codes(str(gallery))) == set(dataset_faces(ds)["face_id"])
@@ -154,14 +155,15 @@ def test_finished_source_shards_share_commits(lfw_dir, model_url, tmp_path):
     assert set(gallery_codes(gallery)) == set(dataset_faces(ds)["face_id"])
 
 
-def test_s3_dataset_and_gallery(s3_bucket, dataset, model_url, tmp_path):
+def test_s3_dataset_and_gallery(s3_bucket, dataset, model_url, tmp_path, ray_cluster):
     from storage import urls
 
     fs, root = urls.resolve(s3_bucket)
     fs.put(str(dataset / "faces"), f"{root}/ds/faces", recursive=True)
     gallery = f"{s3_bucket}/gallery"
     out = subprocess.run([sys.executable, "-m", "pipelines.cli", "encode", model_url, f"{s3_bucket}/ds", gallery,
-                          "--batch-size", "8"], capture_output=True, text=True, timeout=600, env=dict(os.environ))
+                          "--batch-size", "8"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "RAY_ADDRESS": ray_cluster})
     assert out.returncode == 0, out.stderr[-3000:]
     assert set(gallery_codes(gallery)) == set(dataset_faces(dataset)["face_id"])
     again = subprocess.run([sys.executable, "-m", "pipelines.cli", "gallery", "info", gallery],

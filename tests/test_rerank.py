@@ -350,7 +350,7 @@ def test_opqn_config_of_every_variant_round_trips_through_the_checkpoint(variant
     assert model_from_checkpoint(load_checkpoint(url)).cfg.query_normalize is False
 
 
-def test_s3_gallery_with_features_and_rerank_on_ray_workers(s3_bucket, dataset, model_url, tmp_path):
+def test_s3_gallery_with_features_and_rerank_on_ray_workers(s3_bucket, dataset, model_url, tmp_path, ray_cluster):
     from storage import urls
 
     fs, root = urls.resolve(s3_bucket)
@@ -358,7 +358,8 @@ def test_s3_gallery_with_features_and_rerank_on_ray_workers(s3_bucket, dataset, 
     gallery = f"{s3_bucket}/gallery"
     cmd = [sys.executable, "-m", "pipelines.cli", "encode", model_url, f"{s3_bucket}/ds", gallery,
            "--batch-size", "8", "--splits", "database", "--shard-rows", "10", "--store-features"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "RAY_ADDRESS": ray_cluster})
     assert out.returncode == 0, out.stderr[-3000:]
     shown = subprocess.run([sys.executable, "-m", "pipelines.cli", "gallery", "info", gallery],
                            capture_output=True, text=True, timeout=120)
