@@ -46,10 +46,11 @@ class PrefectStack:
         return base_env(self.home) | {"PREFECT_API_URL": self.api_url, "OPQN_WORK_POOL": self.pool,
                                        "OPQN_REPO_DIR": str(REPO_DIR)}
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM the worker, then the server; each gets ``timeout`` seconds before SIGKILL."""
         for pid in (self.worker_pid, self.server_pid):
             if pid:
-                stop_pid(pid)
+                stop_pid(pid, timeout)
         (self.home / "pids.json").unlink(missing_ok=True)
 
 

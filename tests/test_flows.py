@@ -17,7 +17,7 @@ TINY_OPTIONS = {"dim": 64, "width": 0.125, "image_size": 32, "batch_size": 16}
 def prefect_stack(tmp_path_factory):
     stack = start(tmp_path_factory.mktemp("prefect-home"), pool="opqn-test")
     yield stack
-    stack.stop()
+    stack.stop(timeout=3)  # a throwaway server: no need to wait out a slow graceful shutdown
 
 
 def test_deployment_run_completes_and_leaves_a_loadable_checkpoint(prefect_stack, lfw_dir, tmp_path):
