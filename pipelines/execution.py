@@ -68,7 +68,7 @@ def quiet_engines() -> None:
 quiet_engines()
 
 
-_SPARE_CPUS = [0]  # CPUs the local Ray started here declares beyond the machine's cores
+_spare_cpus = 0  # CPUs the local Ray started here declares beyond the machine's cores
 
 
 def start_ray(num_cpus: int | None = None, *, worker_logs: bool | None = None, object_store_mb: int | None = None):
@@ -83,6 +83,7 @@ def start_ray(num_cpus: int | None = None, *, worker_logs: bool | None = None, o
     ``object_store_mb`` caps a local Ray's object store (memory benchmarks). Returns the
     ``ray`` module.
     """
+    global _spare_cpus
     quiet_engines()
     import ray
     import ray.data
@@ -98,8 +99,8 @@ def start_ray(num_cpus: int | None = None, *, worker_logs: bool | None = None, o
             # "local" always starts a private instance; a bare ray.init() would attach to
             # any cluster someone started on this machine with `ray start`.
             store = {"object_store_memory": object_store_mb * 2**20} if object_store_mb else {}
-            _SPARE_CPUS[0] = 0 if num_cpus else 1
-            ray.init(address="local", num_cpus=num_cpus or (os.cpu_count() or 1) + _SPARE_CPUS[0],
+            _spare_cpus = 0 if num_cpus else 1
+            ray.init(address="local", num_cpus=num_cpus or (os.cpu_count() or 1) + _spare_cpus,
                      include_dashboard=False, _node_ip_address="127.0.0.1", **store, **common)
     ctx = ray.data.DataContext.get_current()
     # the stages print their own progress lines (counts, rate, ETA); Ray Data's
@@ -147,7 +148,7 @@ def task_slots(num_cpus: float, num_gpus: float = 0, *, cores_only: bool = False
     Ray Data's read tasks): CPU-bound tasks such as the query scan run one per core, since a
     third task on two cores only shares them (docs/operations.md, *Capacity*)."""
     cpus = cluster_cpus()
-    cpus -= _SPARE_CPUS[0] if cores_only and cpus > _SPARE_CPUS[0] else 0
+    cpus -= _spare_cpus if cores_only and cpus > _spare_cpus else 0
     slots = max(1, int(cpus // max(num_cpus, 1e-9)))
     if num_gpus:
         slots = min(slots, max(1, int(cluster_gpus() // num_gpus)))

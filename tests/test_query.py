@@ -265,7 +265,7 @@ def test_ray_tasks_bounded_in_flight_match_local(queries, tmp_path, ray_local, m
     # by default one task per core: a local Ray's spare CPU (start_ray declares cores + 1) is left out
     from pipelines import execution
 
-    monkeypatch.setattr(execution, "_SPARE_CPUS", [1])  # as if this 2-CPU Ray were 1 core + the spare
+    monkeypatch.setattr(execution, "_spare_cpus", 1)  # as if this 2-CPU Ray were 1 core + the spare
     waited.clear()
     summary = query_batch(model_url, gallery, queries, str(tmp_path / "r1.parquet"),
                           QueryConfig(top_k=25, rows_per_task=600, progress_interval=0.0))

@@ -17,10 +17,10 @@ def register(subparsers) -> None:
                                           "writes a B-byte refine code a face instead (GALLERY/refine/, a product "
                                           "quantizer the gallery's first encode trains on its first --refine-sample "
                                           "faces and stores in GALLERY/quantizer/), for `opqn query --refine`: codes "
-                                          "+ B bytes a face in all. --codes gallery writes, in place of the model's codes, the codes of a "
-                                          "quantizer of the same M bytes trained on the gallery's first faces "
-                                          "(stored beside the refine one). A gallery keeps the settings of its first encode "
-                                          "(mixing is refused).")
+                                          "+ B bytes a face in all. --codes gallery writes, in place of the model's "
+                                          "codes, the codes of a quantizer of the same M bytes trained on the "
+                                          "gallery's first faces (stored beside the refine one). A gallery keeps the "
+                                          "settings of its first encode (mixing is refused).")
     p.add_argument("model_url", metavar="MODEL_URL", help="checkpoint (path, file://, s3://)")
     p.add_argument("dataset", metavar="DATASET", help="face dataset URL (output of `opqn prepare`)")
     p.add_argument("gallery", metavar="GALLERY", help="gallery URL (created on first encode)")

@@ -125,8 +125,10 @@ def encode_source(source: tuple, state: dict, job: EncodeJob) -> tuple[list[File
             continue
         x = embed(model, torch.from_numpy(np.stack(decoded)).to(device))
         check_finite(x, state["model_id"], url)
-        normalized = normalized_feature(x) if code_quantizer is not None or features is not None or refine is not None else None
-        codes[rows] = code_quantizer.encode(normalized) if code_quantizer is not None else model.codes_from_features(x).cpu().numpy()
+        needs_normalized = code_quantizer is not None or features is not None or refine is not None
+        normalized = normalized_feature(x) if needs_normalized else None
+        codes[rows] = (code_quantizer.encode(normalized) if code_quantizer is not None
+                       else model.codes_from_features(x).cpu().numpy())
         if normalized is not None:
             if features is not None:
                 features[rows] = normalized.astype(np.float16)  # model.features.stored_feature

@@ -22,8 +22,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from pipelines.encode.encoder import EncodeJob, encode_source, model_state
 from model.refine import CODE_SOURCES, TRAIN_SAMPLE
+from pipelines.commit_groups import CommitGroups
+from pipelines.encode.encoder import EncodeJob, encode_source, model_state
 from pipelines.encode.quantizers import prepare_quantizers
 from pipelines.execution import EXECUTORS, run_tasks, start_ray
 from pipelines.formats.checkpoint import load_checkpoint, require_opqn
@@ -165,13 +166,8 @@ def _encode(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig, o
         f"{', gallery codes' if codebook else ''}{', with float16 features' if cfg.store_features else ''}"
         f"{f', with {cfg.refine_bytes}-byte refine codes' if cfg.refine_bytes else ''})", out)
     progress = Progress(total, "faces", "encode", stream=out)
-    pending, last_commit = [], time.monotonic()  # written, not yet committed source shards
 
-    def flush(force: bool = False):
-        nonlocal last_commit
-        if not pending or (not force and time.monotonic() - last_commit < cfg.commit_seconds):
-            return
-        held.check()  # a run whose lease was taken over commits nothing more
+    def commit(pending: list) -> None:
         committed = commit_sources(gallery_url, metadata, [(k, f, e) for k, f, e, _, _ in pending],
                                    tuple(s.entry for s in (codebook, refine) if s and s.entry))
         for key, _, _, faces, rejected in pending:
@@ -181,19 +177,17 @@ def _encode(model_url: str, dataset: str, gallery_url: str, cfg: EncodeConfig, o
             summary["faces"] += faces
             summary["rejected"] += rejected
             summary["code_shards_written"] += -(-faces // cfg.shard_rows)  # write_source cuts every shard_rows
-        pending.clear()
-        last_commit = time.monotonic()
         summary["commits"] += 1
 
+    commits = CommitGroups(cfg.commit_seconds, commit, held)  # written, not yet committed source shards
     tasks = run_tasks(encode_source, todo, shared=(model_state(state), job), executor=cfg.executor,
                       max_in_flight=cfg.actors or None, num_cpus=cfg.threads_per_actor,
                       num_gpus=1 if cfg.use_gpu else 0)
     for (_, key, fingerprint), (entries, faces, rejected) in tasks:
-        pending.append((key, fingerprint, entries, faces, rejected))
-        flush()
+        commits.add((key, fingerprint, entries, faces, rejected))
         if faces + rejected:
             progress.update(faces + rejected)
-    flush(force=True)
+    commits.flush(force=True)
     summary["seconds"] = time.monotonic() - t0
     say("encode", f"encode done in {format_seconds(summary['seconds'])}: {summary['faces']} faces encoded, "
         f"{summary['rejected']} rejected, {summary['code_shards_written']} code shard(s) written, "

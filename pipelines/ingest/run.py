@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -31,6 +30,7 @@ from storage import lease, urls
 from storage import manifest as mf
 
 from pipelines import execution
+from pipelines.commit_groups import CommitGroups
 from pipelines.formats import faces as face_format
 from pipelines.progress import Progress, format_seconds, say
 
@@ -114,29 +114,18 @@ def _prepare(source: str, dataset: str, config: IngestConfig, stream, progress_i
     done_shards = execution.run_tasks(shard_task, shards, shared=(dataset, config, threads),
                                       executor=config.executor, max_in_flight=min(workers, len(shards)),
                                       num_cpus=max(1, config.torch_threads))
-    written, last_commit = [], time.monotonic()  # files of finished shards, not yet listed
-
-    def flush(force: bool = False) -> None:
-        """List the finished shards' files in one commit, at most every ``commit_seconds``: every
-        commit rewrites the manifest and re-reads its source records, so one commit per shard
-        made a dataset of many shards quadratic to write (docs/results.md, *Data safety*)."""
-        nonlocal last_commit
-        if written and (force or time.monotonic() - last_commit >= config.commit_seconds):
-            held.check()  # a job whose lease was taken over commits nothing more
-            face_format.commit_shard(dataset, list(written), settings, opts)
-            written.clear()
-            last_commit = time.monotonic()
-
+    commits = CommitGroups(config.commit_seconds, held=held,
+                           commit=lambda done: face_format.commit_shard(dataset, [e for es in done for e in es],
+                                                                        settings, opts))
     for _, stats in done_shards:
         nodes[stats["node"]] += 1
-        written.extend(stats["entries"])
-        flush()
+        commits.add(stats["entries"])
         result.shards += 1
         result.processed += stats["photos"]
         result.faces += stats["faces"]
         rejected.update(stats["rejected"])
         progress.update(stats["photos"], extra=f"{result.faces} faces")
-    flush(force=True)
+    commits.flush(force=True)
     result.rejected = dict(rejected)
     result.nodes = dict(nodes)
     result.seconds = progress.elapsed()

@@ -122,7 +122,8 @@ def model_gallery(where: dict, codes: str = "model") -> str:
     """
     from pipelines.formats.checkpoint import checkpoint_model_id
 
-    return urls.join(where["gallery"], checkpoint_model_id(where["model"]) + ("-gallery-codes" if codes == "gallery" else ""))
+    suffix = "-gallery-codes" if codes == "gallery" else ""
+    return urls.join(where["gallery"], checkpoint_model_id(where["model"]) + suffix)
 
 
 def encode(cfg: PipelineConfig, where: dict, out) -> dict:

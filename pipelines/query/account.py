@@ -102,8 +102,8 @@ class ScanAccount:
                 f"{p['score_s']:.1f} s, task merge {p['merge_s']:.1f} s, re-rank {p['rescore_s']:.1f} s; workers "
                 f"outside tasks: start-up {p['startup_s']:.1f} s, dispatch {p['dispatch_s']:.1f} s, tail "
                 f"{p['tail_s']:.1f} s; driver merge {p['driver_merge_s']:.1f} s, query embedding {p['embed_s']:.1f} s "
-                f"and worker warm-up {p['warmup_s']:.1f} s (both beside the scan; the scan waited {p['warmup_wait_s']:.1f} s "
-                f"for the warm-up), scan wall {p['scan_wall_s']:.1f} s")
+                f"and worker warm-up {p['warmup_s']:.1f} s (both beside the scan; the scan waited "
+                f"{p['warmup_wait_s']:.1f} s for the warm-up), scan wall {p['scan_wall_s']:.1f} s")
 
     def to_dict(self) -> dict:
         out = {name: round(v, 3) for name, v in self.phases.items()}
