@@ -10,9 +10,9 @@ is trained by its first encode with refine codes (``pipelines.encode.quantizers`
 that run's commits, so no refine shard is ever listed without it; so is the quantizer of a
 gallery's own codes (``codes="gallery"``), and every task then writes that quantizer's codes
 instead of the model's.
-Source shards that finish close together share one commit (``commit_seconds``): every commit
-rewrites the manifest, so one commit per source shard made a gallery of many small shards
-quadratic (2,000 commits took 32 s of manifest writing, docs/results.md). A run killed at any
+Source shards that finish close together share one commit (``commit_seconds``,
+``pipelines.commit_groups``): every commit rewrites the manifest, so one commit per source shard
+made a gallery of many small shards quadratic (docs/results.md, *Data safety*). A run killed at any
 point leaves only whole source shards committed, and the next run encodes exactly the rest;
 a run with nothing new writes nothing.
 """
